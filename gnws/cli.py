@@ -1,0 +1,54 @@
+"""The ``gnws`` command: one entry point dispatching to models, service and training commands.
+
+Domain errors (:class:`models.errors.GnwsError`, unknown zoo names) are printed as one sentence
+on stderr with exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from models.errors import GnwsError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from models import cli as models_cli
+
+    parser = argparse.ArgumentParser(prog="gnws", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    models_cli.add_commands(sub)
+    for module in ("service.cli", "training.cli"):
+        try:
+            mod = __import__(module, fromlist=["add_commands"])
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.split(".")[0] in ("service", "training"):
+                continue  # that package is not built yet
+            raise
+        mod.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (GnwsError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"gnws {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

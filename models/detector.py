@@ -1,0 +1,113 @@
+"""GN+WS Faster R-CNN and Mask R-CNN, reproducing mmdetection's inference.
+
+Architecture (Qiao et al., arXiv:1903.10520; mmdetection ``configs/gn+ws``): GN+WS ResNet/ResNeXt
++ GN+WS FPN, RPN, Shared4Conv1FC box head with GN+WS convs, FCN mask head with GN+WS convs.
+Modules come from torchvision (``ResNet``, ``BackboneWithFPN``, ``RPNHead``,
+``FastRCNNConvFCHead``, ``MaskRCNNHeads`` and predictors); every part the spec shows to differ
+from mmdetection is replaced: image transform (:mod:`models.preprocess`), anchors
+(:mod:`models.anchors`), RoIAlign alignment and level mapping (:mod:`models.roi_extractor`),
+two-sided delta clamp and no small-box filters (:mod:`models.box_ops`, :mod:`models.heads`),
+class layout (:mod:`models.mmdet_convert`), mask pasting (:mod:`models.mask_paste`).
+
+Remaining deliberate differences from mmdetection 3.3 inference, with their measured effect
+(``tests/models/test_fidelity.py`` against ``../shared/reference``):
+
+1. **Class layout.** The box classifier has background at index 0 (torchvision) instead of last;
+   rows are permuted by the converter, so the softmax is identical. The regression and mask
+   layers gain an unused all-zero background slot. Effect: none (same softmax terms).
+2. **NMS kernel.** ``torchvision.ops.nms`` instead of mmcv's; both CPU kernels rank by score and
+   suppress when ``inter / (a1 + a2 - inter) > thr`` with no +1, so the only possible effect is
+   the order of exactly equal scores.
+3. **Batching.** mmdetection pads a batch to its largest image, which changes GroupNorm
+   statistics (mmdetection issue #8157). :class:`models.predictor.Predictor` only batches images
+   whose padded shapes are equal, so every image gets the padding it would get alone.
+   Effect: batched results equal batch-size-1 results (tested), unlike mmdetection's.
+4. **Float rounding.** Standardising weights once (:func:`models.bake.bake`) instead of in every
+   forward, and oneDNN vs mmcv kernels, change values by float rounding only: measured box
+   differences stay ≲ 0.02 px and score differences ≲ 2e-4, mmdetection's own run-to-run noise
+   (see ``../shared/reference/README.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .backbone import build_backbone
+from .config import DetectorConfig
+from .heads import RPN, ImageMeta, RoIHeads
+from .ws_conv import has_ws
+
+
+class GNWSDetector(nn.Module):
+    """Two-stage GN+WS detector; ``forward`` takes a padded batch and returns detections.
+
+    State-dict keys follow torchvision's Faster/Mask R-CNN (``backbone.body.*``, ``backbone.fpn.*``,
+    ``rpn.head.*``, ``roi_heads.*``) with ``num_classes + 1`` outputs, background at 0.
+    """
+
+    def __init__(self, cfg: DetectorConfig, *, ws: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg, ws=ws)
+        self.rpn = RPN(cfg)
+        self.roi_heads = RoIHeads(cfg)
+        if ws:
+            self.roi_heads.use_ws()
+
+    @property
+    def is_baked(self) -> bool:
+        """True when no WS conv is left (weights standardised once, plain convs)."""
+        return not has_ws(self)
+
+    def extract_features(self, images_nchw: torch.Tensor) -> dict[str, torch.Tensor]:
+        """FPN features ``"0".."3"`` (P2-P5) and ``"pool"`` (P6) for a padded batch."""
+        return self.backbone(images_nchw)
+
+    def propose(
+        self, features: dict[str, torch.Tensor], metas: Sequence[ImageMeta]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Test-time RPN proposals ``(boxes (K, 4), scores (K,))`` per image, resized pixels."""
+        levels = list(features.values())
+        objectness, deltas = self.rpn(levels)
+        anchors = self.rpn.anchors(levels)
+        return self.rpn.predict(objectness, deltas, anchors, [m.img_shape for m in metas])
+
+    @torch.inference_mode()
+    def forward(self, images_nchw: torch.Tensor, metas: Sequence[ImageMeta]) -> list[dict[str, torch.Tensor]]:
+        """Detect objects in a batch.
+
+        Args:
+            images_nchw: normalised images ``(N, 3, H, W)``, zero-padded bottom/right; all
+                images must have the padding they would have alone (see difference 3 above).
+            metas: per image ``ori_shape``, ``img_shape`` and ``scale_factor``.
+
+        Returns:
+            Per image a dict with ``boxes`` (K, 4) xyxy in original pixels, ``scores`` (K,),
+            ``labels`` (K,) in ``0..C-1`` and, for Mask R-CNN, ``masks`` (K, H, W) bool.
+        """
+        if images_nchw.dim() != 4 or images_nchw.size(0) != len(metas):
+            raise ValueError(f"expected (N, 3, H, W) images and N metas, got {tuple(images_nchw.shape)} and {len(metas)}")
+        features = self.extract_features(images_nchw)
+        proposals = self.propose(features, metas)
+        return [
+            self.roi_heads.predict(features, boxes, i, meta)
+            for i, ((boxes, _scores), meta) in enumerate(zip(proposals, metas, strict=True))
+        ]
+
+
+def build_detector(cfg: DetectorConfig, *, baked: bool = False) -> GNWSDetector:
+    """The one constructor: a GN+WS detector for ``cfg``.
+
+    Args:
+        cfg: architecture and label space.
+        baked: build plain convs (for weights already standardised by :func:`models.bake.bake`)
+            instead of WS convs.
+    """
+    match cfg.arch:
+        case "faster_rcnn" | "mask_rcnn":
+            return GNWSDetector(cfg, ws=not baked)
+        case _:  # pragma: no cover - DetectorConfig validates arch
+            raise ValueError(f"unknown arch {cfg.arch!r}")

@@ -1,0 +1,36 @@
+"""Domain errors of the models package.
+
+Every error a user can cause (missing weights, bad checkpoint, bad image) derives from
+:class:`GnwsError`, so entry points (CLI, HTTP service, TorchServe handler) can turn it into a
+clear message without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class GnwsError(Exception):
+    """Base class of errors meant for the user, with a message that says how to fix them."""
+
+
+class WeightsNotFoundError(GnwsError, FileNotFoundError):
+    """Weights for a model are not on disk (and could not or were not fetched)."""
+
+
+class DownloadError(GnwsError):
+    """A download failed (network, HTTP status) or its checksum did not match."""
+
+
+class CheckpointError(GnwsError):
+    """A checkpoint file is unreadable, truncated, or not the expected kind of file."""
+
+
+class ConversionError(CheckpointError):
+    """A checkpoint's keys or shapes do not map exactly onto the target model."""
+
+
+class ImageDecodeError(GnwsError, ValueError):
+    """Input bytes are not a decodable image."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image has more pixels than allowed (decompression-bomb guard)."""

@@ -1,0 +1,80 @@
+"""Downloading zoo checkpoints with sha256-prefix verification.
+
+Like ``torch.hub.download_url_to_file(..., hash_prefix=...)``: stream to a partial file in the
+destination folder while hashing, show a progress bar, check the sha256 prefix that the
+published file name carries, then fsync and rename. A mismatch deletes the partial file and
+fails; a network error fails with one sentence naming the URL and how to supply the file by hand.
+``GNWS_ZOO_MIRROR`` (or ``mirror=``) replaces ``https://download.openmmlab.com/`` for mirrors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .errors import DownloadError
+from .files import atomic_writer
+from .store import checkpoint_path, manual_download_hint
+from .zoo import URL_PREFIX, get_entry
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+
+
+def download(url: str, dest: Path, *, sha256_prefix: str | None, progress: bool = True, timeout: float = 30.0) -> Path:
+    """Download ``url`` to ``dest`` atomically, verifying the sha256 prefix if given."""
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, atomic_writer(dest) as out:  # noqa: S310
+            total = resp.headers.get("Content-Length")
+            with tqdm(
+                total=int(total) if total and total.isdigit() else None,
+                unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress,
+            ) as bar:
+                while chunk := resp.read(CHUNK):
+                    out.write(chunk)
+                    h.update(chunk)
+                    bar.update(len(chunk))
+            digest = h.hexdigest()
+            if sha256_prefix and not digest.startswith(sha256_prefix):
+                raise DownloadError(
+                    f"checksum mismatch for {url}: sha256 starts with {digest[:len(sha256_prefix)]}, "
+                    f"expected {sha256_prefix}; the download was deleted. Try again or use another mirror."
+                )
+    except DownloadError:
+        raise
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise DownloadError(f"could not download {url} ({reason})") from None
+    return dest
+
+
+def zoo_url(name: str, mirror: str | None = None) -> str:
+    entry = get_entry(name)
+    mirror = mirror or os.environ.get("GNWS_ZOO_MIRROR")
+    if mirror:
+        return mirror.rstrip("/") + "/" + entry.url[len(URL_PREFIX):]
+    return entry.url
+
+
+def fetch(name: str, *, mirror: str | None = None, progress: bool = True, force: bool = False) -> Path:
+    """Fetch zoo checkpoint ``name`` into the cache (no-op when a verified copy is there)."""
+    entry = get_entry(name)
+    dest = checkpoint_path(entry)
+    if dest.is_file() and not force:
+        logger.info("%s already cached at %s", name, dest)
+        return dest
+    url = zoo_url(name, mirror)
+    try:
+        return download(url, dest, sha256_prefix=entry.sha256_prefix, progress=progress)
+    except DownloadError as exc:
+        if "checksum mismatch" in str(exc):
+            raise
+        raise DownloadError(f"{exc}; this machine may be offline: {manual_download_hint(entry)}.") from None

@@ -1,0 +1,193 @@
+"""The predictor: images in, COCO-format detections out.
+
+Shared by the HTTP service, the TorchServe handler and the CLI. Following LitServe's shape:
+decode → prepare → batch → infer → unbatch → encode, with weights touched only at load time.
+A list call returns exactly what one-by-one calls return: GroupNorm statistics include the
+padding, so only images with equal padded shapes share a forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypedDict, overload
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+
+from .bake import ModelInfo, bake, load_model
+from .detector import GNWSDetector
+from .errors import CheckpointError
+from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, PreparedImage, decode_image, prepare_image
+from .store import convert_checkpoint, ensure_baked_zoo_model, is_zoo_name
+
+logger = logging.getLogger(__name__)
+
+
+class RLE(TypedDict):
+    size: list[int]
+    counts: str
+
+
+class Detection(TypedDict, total=False):
+    """One detection in COCO results format (plus ``bbox_xyxy`` and ``category_name``)."""
+
+    bbox: list[float]
+    bbox_xyxy: list[float]
+    score: float
+    category_id: int
+    category_name: str
+    segmentation: RLE
+
+
+@dataclass(frozen=True)
+class RawDetections:
+    """Network output for one image, on CPU: boxes xyxy (original pixels), scores, labels, masks."""
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor | None = None
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Predictor:
+    """A loaded detector plus its label space and provenance.
+
+    Attributes:
+        model: the network (baked or not), in eval mode on ``device``.
+        info: metadata of the weights (config, classes, provenance).
+        name: model name shown to users (zoo key or file stem).
+        device: where inference runs.
+        max_pixels: decompression-bomb guard for decoded images.
+    """
+
+    model: GNWSDetector
+    info: ModelInfo
+    name: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        self.model.eval().to(self.device)
+
+    @classmethod
+    def load(
+        cls,
+        source: str | os.PathLike[str],
+        *,
+        device: str | torch.device = "auto",
+        model_name: str | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> Predictor:
+        """Load a predictor from a zoo key, a gnws ``.safetensors`` file or an mmdetection ``.pth``.
+
+        Args:
+            source: zoo key (uses the model store / download cache), or a file path.
+            device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+            model_name: zoo architecture of an mmdetection ``.pth`` (required for ``.pth``).
+            max_pixels: pixel limit for decoded images.
+        """
+        dev = resolve_device(device)
+        if is_zoo_name(source):
+            path = ensure_baked_zoo_model(str(source))
+            model, info = load_model(path)
+            name = str(source)
+        else:
+            path = Path(source)
+            if path.suffix == ".pth":
+                if model_name is None:
+                    raise CheckpointError(f"{path} is an mmdetection checkpoint: say which zoo architecture it is (--model NAME)")
+                model, info = convert_checkpoint(path, model_name)
+                bake(model)
+                info = ModelInfo(config=info.config, baked=True, zoo_key=info.zoo_key,
+                                 source_sha256=info.source_sha256, provenance=info.provenance)
+            else:
+                model, info = load_model(path)
+            name = model_name or path.stem
+        return cls(model=model, info=info, name=name, device=dev, max_pixels=max_pixels)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.info.config.classes
+
+    @property
+    def category_ids(self) -> tuple[int, ...]:
+        return self.info.config.category_ids
+
+    @property
+    def has_masks(self) -> bool:
+        return self.info.config.has_mask
+
+    def prepare(self, image: ImageInput) -> PreparedImage:
+        """Decode (EXIF applied), resize, normalise and pad one image."""
+        cfg = self.info.config
+        rgb = decode_image(image, max_pixels=self.max_pixels)
+        return prepare_image(rgb, min_size=cfg.min_size, max_size=cfg.max_size, size_divisor=cfg.size_divisor)
+
+    def infer(self, prepared: Sequence[PreparedImage]) -> list[RawDetections]:
+        """Run the network; images are grouped by padded shape so batching never changes results."""
+        out: list[RawDetections | None] = [None] * len(prepared)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, p in enumerate(prepared):
+            groups.setdefault(p.pad_shape, []).append(i)
+        for indices in groups.values():
+            batch = torch.stack([prepared[i].image_chw for i in indices]).to(self.device, non_blocking=True)
+            results = self.model(batch, [prepared[i] for i in indices])
+            for i, r in zip(indices, results, strict=True):
+                masks = r.get("masks")
+                out[i] = RawDetections(
+                    boxes=r["boxes"].float().cpu(),
+                    scores=r["scores"].float().cpu(),
+                    labels=r["labels"].cpu(),
+                    masks=masks.cpu() if masks is not None else None,
+                )
+        return [r for r in out if r is not None]
+
+    def encode(self, raw: RawDetections) -> list[Detection]:
+        """COCO-format detections; masks as compressed RLE with ``str`` counts."""
+        boxes = raw.boxes.tolist()
+        scores = raw.scores.tolist()
+        labels = raw.labels.tolist()
+        rles: list[Any] = []
+        if raw.masks is not None and len(labels):
+            rles = mask_utils.encode(np.asfortranarray(raw.masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+        detections: list[Detection] = []
+        for i, (box, score, label) in enumerate(zip(boxes, scores, labels, strict=True)):
+            x1, y1, x2, y2 = box
+            det: Detection = {
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "bbox_xyxy": [x1, y1, x2, y2],
+                "score": score,
+                "category_id": self.category_ids[label],
+                "category_name": self.classes[label],
+            }
+            if raw.masks is not None:
+                rle = rles[i]
+                det["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+            detections.append(det)
+        return detections
+
+    @overload
+    def predict(self, images: ImageInput) -> list[Detection]: ...
+    @overload
+    def predict(self, images: list[ImageInput] | tuple[ImageInput, ...]) -> list[list[Detection]]: ...
+
+    def predict(self, images: ImageInput | list[ImageInput] | tuple[ImageInput, ...]) -> Any:
+        """Detections for one image, or a list of per-image detections for a list of images."""
+        single = not isinstance(images, list | tuple)
+        batch: list[ImageInput] = [images] if single else list(images)  # type: ignore[list-item]
+        prepared = [self.prepare(img) for img in batch]
+        results = [self.encode(r) for r in self.infer(prepared)]
+        return results[0] if single else results

@@ -1,0 +1,101 @@
+"""Where weights live: the download cache and the model store.
+
+``GNWS_HOME`` (default ``$XDG_CACHE_HOME/gnws`` or ``~/.cache/gnws``) holds
+``checkpoints/`` (zoo ``.pth`` files as published) and ``models/`` (the model store: converted
+and baked ``<name>.safetensors`` files that the service, TorchServe handler and CLI read).
+``GNWS_MODEL_STORE`` moves the model store elsewhere (training jobs export there).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .bake import ModelInfo, bake, save_model
+from .detector import GNWSDetector, build_detector
+from .errors import WeightsNotFoundError
+from .mmdet_convert import config_for_checkpoint, convert_mmdet_state_dict, read_mmdet_checkpoint
+from .zoo import ZOO, ZooEntry, get_entry
+
+logger = logging.getLogger(__name__)
+
+
+def gnws_home() -> Path:
+    if env := os.environ.get("GNWS_HOME"):
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "gnws"
+
+
+def checkpoint_dir() -> Path:
+    return gnws_home() / "checkpoints"
+
+
+def model_store() -> Path:
+    if env := os.environ.get("GNWS_MODEL_STORE"):
+        return Path(env).expanduser()
+    return gnws_home() / "models"
+
+
+def checkpoint_path(entry: ZooEntry) -> Path:
+    """Where ``gnws fetch`` puts a zoo checkpoint."""
+    return checkpoint_dir() / entry.filename
+
+
+def store_path(name: str) -> Path:
+    """The model-store file for a model name."""
+    return model_store() / f"{name}.safetensors"
+
+
+def manual_download_hint(entry: ZooEntry) -> str:
+    """How to supply a zoo checkpoint by hand (shared by fetch, predict and serve errors)."""
+    return (
+        f"download {entry.url} by hand and place it at {checkpoint_path(entry)} "
+        "(or set GNWS_HOME to a folder that has it)"
+    )
+
+
+def missing_weights_message(entry: ZooEntry) -> str:
+    """The sentence shown wherever zoo weights are missing (predict, serve, TorchServe)."""
+    return f"weights for {entry.key} are not on this machine: run `gnws fetch {entry.key}`, or {manual_download_hint(entry)}."
+
+
+def convert_checkpoint(src: str | Path, model_name: str) -> tuple[GNWSDetector, ModelInfo]:
+    """Convert an mmdetection ``.pth`` for zoo architecture ``model_name`` (not baked)."""
+    entry = get_entry(model_name)
+    ckpt = read_mmdet_checkpoint(src)
+    cfg = config_for_checkpoint(entry.config, ckpt)
+    state = convert_mmdet_state_dict(ckpt.state_dict, cfg)
+    model = build_detector(cfg)
+    model.load_state_dict(state, strict=True)
+    provenance = {"source": "mmdetection", "mmdet_config": entry.mmdet_config, "source_file": Path(src).name}
+    info = ModelInfo(config=cfg, baked=False, zoo_key=entry.key, source_sha256=ckpt.sha256, provenance=provenance)
+    return model.eval(), info
+
+
+def is_zoo_name(source: str | os.PathLike[str]) -> bool:
+    return str(source) in ZOO
+
+
+def ensure_baked_zoo_model(name: str) -> Path:
+    """The baked model-store file for a zoo model, converting the cached ``.pth`` if needed.
+
+    Raises:
+        WeightsNotFoundError: neither a baked file nor the zoo checkpoint is on disk.
+    """
+    entry = get_entry(name)
+    baked = store_path(entry.key)
+    if baked.is_file():
+        return baked
+    ckpt = checkpoint_path(entry)
+    if not ckpt.is_file():
+        raise WeightsNotFoundError(missing_weights_message(entry))
+    logger.info("converting and baking %s into %s", ckpt, baked)
+    model, info = convert_checkpoint(ckpt, entry.key)
+    bake(model)
+    save_model(model, baked, ModelInfo(
+        config=info.config, baked=True, zoo_key=info.zoo_key, source_sha256=info.source_sha256,
+        provenance=info.provenance,
+    ))
+    return baked

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypedDict, overload
 
@@ -90,6 +90,7 @@ class Predictor:
         device: str | torch.device = "auto",
         model_name: str | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        image_scale: tuple[int, int] | None = None,
     ) -> Predictor:
         """Load a predictor from a zoo key, a gnws ``.safetensors`` file or an mmdetection ``.pth``.
 
@@ -98,6 +99,8 @@ class Predictor:
             device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
             model_name: zoo architecture of an mmdetection ``.pth`` (required for ``.pth``).
             max_pixels: pixel limit for decoded images.
+            image_scale: ``(max_size, min_size)`` test scale instead of mmdetection's (1333, 800);
+                for fast tests and smoke runs only (results then differ from mmdetection's).
         """
         dev = resolve_device(device)
         if is_zoo_name(source):
@@ -116,6 +119,9 @@ class Predictor:
             else:
                 model, info = load_model(path)
             name = model_name or path.stem
+        if image_scale is not None:
+            max_size, min_size = image_scale
+            info = replace(info, config=replace(info.config, max_size=max_size, min_size=min_size))
         return cls(model=model, info=info, name=name, device=dev, max_pixels=max_pixels)
 
     @property

@@ -7,6 +7,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff"; ruff check .
 echo "== mypy"; mypy models service
 echo "== import contracts"; lint-imports
+if [ -f scripts/lint-docker.sh ]; then echo "== docker lint"; bash scripts/lint-docker.sh; fi
 echo "== pytest"
 set +e
 pytest "$@"

@@ -138,7 +138,8 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
         tensors = safetensors.torch.load_file(str(path), device="cpu")
     except Exception as exc:
         raise CheckpointError(f"{path} could not be read (truncated?): {exc}") from None
-    model = build_detector(info.config, baked=info.baked)
+    with torch.device("meta"):  # skip random init: every tensor is assigned below
+        model = build_detector(info.config, baked=info.baked)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -147,7 +148,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
         raise CheckpointError(
             f"{path} does not match its own config: missing {missing}, unexpected {unexpected}, wrong shapes {wrong}"
         )
-    model.load_state_dict(tensors, strict=True)
+    model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval().to(device), info
 
 

@@ -115,7 +115,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     source = args.checkpoint if args.checkpoint else args.model
     predictor = Predictor.load(source, device=args.device, model_name=args.model)
-    results = []
+    results: list[dict[str, object]] = []
     all_dets = predictor.predict([str(p) for p in args.images])
     for image_id, (path, dets) in enumerate(zip(args.images, all_dets, strict=True)):
         kept = [d for d in dets if d["score"] >= args.score_threshold]

@@ -89,7 +89,8 @@ class GNWSDetector(nn.Module):
             ``labels`` (K,) in ``0..C-1`` and, for Mask R-CNN, ``masks`` (K, H, W) bool.
         """
         if images_nchw.dim() != 4 or images_nchw.size(0) != len(metas):
-            raise ValueError(f"expected (N, 3, H, W) images and N metas, got {tuple(images_nchw.shape)} and {len(metas)}")
+            shape = tuple(images_nchw.shape)
+            raise ValueError(f"expected (N, 3, H, W) images and N metas, got {shape} and {len(metas)}")
         features = self.extract_features(images_nchw)
         proposals = self.propose(features, metas)
         return [

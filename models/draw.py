@@ -18,7 +18,9 @@ def color_for(category_id: int) -> tuple[int, int, int]:
     return r, g, b
 
 
-def draw_detections(image: Image.Image | np.ndarray, detections: Sequence[Detection], *, mask_alpha: float = 0.45) -> Image.Image:
+def draw_detections(
+    image: Image.Image | np.ndarray, detections: Sequence[Detection], *, mask_alpha: float = 0.45
+) -> Image.Image:
     """A copy of ``image`` (RGB) with masks blended in, boxes outlined and ``name score`` labels."""
     canvas = np.array(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     for det in detections:

@@ -185,7 +185,8 @@ def convert_mmdet_state_dict(source: Mapping[str, torch.Tensor], cfg: DetectorCo
         ConversionError: listing every unmapped or duplicated source key, every unfilled target
             key and every shape mismatch.
     """
-    target_shapes = {k: tuple(v.shape) for k, v in build_detector(cfg).state_dict().items()}
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        target_shapes = {k: tuple(v.shape) for k, v in build_detector(cfg).state_dict().items()}
     converted: dict[str, torch.Tensor] = {}
     claimed: set[str] = set()
     problems: list[str] = []
@@ -210,7 +211,7 @@ def convert_mmdet_state_dict(source: Mapping[str, torch.Tensor], cfg: DetectorCo
             )
             continue
         converted[target] = value.detach().to(torch.float32).contiguous()
-    problems.extend(f"missing: no source key fills {k} {shape}" for k, shape in target_shapes.items() if k not in claimed)
+    problems.extend(f"missing: no source key fills {k} {s}" for k, s in target_shapes.items() if k not in claimed)
     if problems:
         raise ConversionError(
             f"checkpoint does not match {cfg.arch} R{cfg.depth}{'-X' if cfg.groups > 1 else ''} "

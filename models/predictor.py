@@ -111,7 +111,9 @@ class Predictor:
             path = Path(source)
             if path.suffix == ".pth":
                 if model_name is None:
-                    raise CheckpointError(f"{path} is an mmdetection checkpoint: say which zoo architecture it is (--model NAME)")
+                    raise CheckpointError(
+                        f"{path} is an mmdetection checkpoint: say which zoo architecture it is (--model NAME)"
+                    )
                 model, info = convert_checkpoint(path, model_name)
                 bake(model)
                 info = ModelInfo(config=info.config, baked=True, zoo_key=info.zoo_key,
@@ -193,7 +195,7 @@ class Predictor:
     def predict(self, images: ImageInput | list[ImageInput] | tuple[ImageInput, ...]) -> Any:
         """Detections for one image, or a list of per-image detections for a list of images."""
         single = not isinstance(images, list | tuple)
-        batch: list[ImageInput] = [images] if single else list(images)  # type: ignore[list-item]
+        batch: list[ImageInput] = [images] if single else list(images)  # type: ignore[list-item,arg-type]
         prepared = [self.prepare(img) for img in batch]
         results = [self.encode(r) for r in self.infer(prepared)]
         return results[0] if single else results

@@ -12,6 +12,8 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from .bake import ModelInfo, bake, save_model
 from .detector import GNWSDetector, build_detector
 from .errors import WeightsNotFoundError
@@ -58,7 +60,10 @@ def manual_download_hint(entry: ZooEntry) -> str:
 
 def missing_weights_message(entry: ZooEntry) -> str:
     """The sentence shown wherever zoo weights are missing (predict, serve, TorchServe)."""
-    return f"weights for {entry.key} are not on this machine: run `gnws fetch {entry.key}`, or {manual_download_hint(entry)}."
+    return (
+        f"weights for {entry.key} are not on this machine: run `gnws fetch {entry.key}`, "
+        f"or {manual_download_hint(entry)}."
+    )
 
 
 def convert_checkpoint(src: str | Path, model_name: str) -> tuple[GNWSDetector, ModelInfo]:
@@ -67,8 +72,9 @@ def convert_checkpoint(src: str | Path, model_name: str) -> tuple[GNWSDetector, 
     ckpt = read_mmdet_checkpoint(src)
     cfg = config_for_checkpoint(entry.config, ckpt)
     state = convert_mmdet_state_dict(ckpt.state_dict, cfg)
-    model = build_detector(cfg)
-    model.load_state_dict(state, strict=True)
+    with torch.device("meta"):  # skip random init: every tensor is assigned below
+        model = build_detector(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
     provenance = {"source": "mmdetection", "mmdet_config": entry.mmdet_config, "source_file": Path(src).name}
     info = ModelInfo(config=cfg, baked=False, zoo_key=entry.key, source_sha256=ckpt.sha256, provenance=provenance)
     return model.eval(), info

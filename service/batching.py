@@ -1,0 +1,228 @@
+"""Dynamic batching per model that never changes results.
+
+Follows LitServe's decode → batch → predict → unbatch shape and TorchServe's
+``batch_size``/``max_batch_delay``: a worker task takes the oldest waiting image, waits up to
+``max_delay`` for more images with the **same padded shape and the same predictor** (GroupNorm
+statistics include the padding, so only equal padded shapes may share a forward pass; see
+:mod:`models.detector`, difference 3), and runs :meth:`models.Predictor.infer` in a worker
+thread. Images of other shapes keep their place in the line. The line is bounded: a full one
+refuses new images with :class:`~service.errors.OverloadedError` (429 + ``Retry-After``).
+
+Each job carries the predictor it was prepared for, so a model reload (an atomic reference swap in
+:mod:`service.registry`) lets queued images finish on the old weights while new ones use the new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from models import Predictor, PreparedImage, RawDetections
+
+from .errors import NotReadyError, OverloadedError, RequestTimeoutError
+from .metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one image got from the batcher.
+
+    Attributes:
+        raw: network output for the image.
+        predictor: the predictor that produced it (the current one when the batch started).
+        queue_s: time from submission to the start of its forward pass.
+        inference_s: duration of the forward pass it was part of.
+        batch_size: images in that forward pass.
+    """
+
+    raw: RawDetections
+    predictor: Predictor
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+@dataclass(eq=False)
+class _Job:
+    predictor: Predictor
+    prepared: PreparedImage
+    future: asyncio.Future[BatchResult]
+    submitted: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> tuple[int, tuple[int, int]]:
+        return id(self.predictor), self.prepared.pad_shape
+
+
+class Batcher:
+    """Bounded line of images for one served model, and the task that batches them.
+
+    Args:
+        name: served model name (metrics label).
+        executor: where forward passes run (one thread: forward passes never overlap).
+        metrics: the app's metrics.
+        max_batch_size: most images per forward pass.
+        max_delay_s: longest wait for more images of the same padded shape.
+        queue_size: most images waiting; more are refused.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        executor: Executor,
+        metrics: Metrics,
+        max_batch_size: int,
+        max_delay_s: float,
+        queue_size: int,
+    ) -> None:
+        self.name = name
+        self._executor = executor
+        self._metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.queue_size = queue_size
+        self._waiting: deque[_Job] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def depth(self) -> int:
+        """Images waiting for a forward pass."""
+        return len(self._waiting)
+
+    def has_room(self, count: int = 1) -> bool:
+        return not self._closed and len(self._waiting) + count <= self.queue_size
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new images, let waiting ones finish for up to ``grace_s``, then fail the rest."""
+        self._closed = True
+        deadline = time.monotonic() + grace_s
+        while self._waiting and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._waiting:
+            job = self._waiting.popleft()
+            if not job.future.done():
+                job.future.set_exception(NotReadyError("the server is shutting down; retry on another instance"))
+        self._metrics.queue_depth.labels(self.name).set(0)
+
+    async def run(
+        self, predictor: Predictor, prepared: Sequence[PreparedImage], *, timeout_s: float
+    ) -> list[BatchResult]:
+        """Queue ``prepared`` images for ``predictor`` and wait for all their results.
+
+        Raises:
+            OverloadedError: the line has no room for all of them.
+            RequestTimeoutError: results did not come within ``timeout_s``.
+        """
+        if self._closed:
+            raise NotReadyError("the server is shutting down; retry on another instance")
+        if not self.has_room(len(prepared)):
+            self._metrics.rejected.labels("queue_full").inc()
+            raise OverloadedError(
+                f"the queue for {self.name} is full ({self.queue_size} images waiting); retry after Retry-After seconds"
+            )
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(predictor=predictor, prepared=p, future=loop.create_future()) for p in prepared]
+        self._waiting.extend(jobs)
+        self._metrics.queue_depth.labels(self.name).set(len(self._waiting))
+        self._wakeup.set()
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), timeout_s))
+        except asyncio.TimeoutError:
+            self._metrics.rejected.labels("timeout").inc()
+            raise RequestTimeoutError(
+                f"no result within the {timeout_s:.1f} s request timeout; the server is busy, retry later"
+            ) from None
+        finally:
+            # A timed-out or disconnected request gives its places in the line back at once.
+            for job in jobs:
+                if not job.future.done():
+                    job.future.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(job)
+            self._metrics.queue_depth.labels(self.name).set(len(self._waiting))
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._waiting:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            key = self._waiting[0].key
+            deadline = loop.time() + self.max_delay_s
+            while self._count(key) < self.max_batch_size:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+                if not self._waiting:
+                    break
+            batch = self._take(key)
+            if batch:
+                await self._run_batch(batch)
+
+    def _count(self, key: tuple[int, tuple[int, int]]) -> int:
+        return sum(1 for job in self._waiting if job.key == key)
+
+    def _take(self, key: tuple[int, tuple[int, int]]) -> list[_Job]:
+        """Remove and return up to ``max_batch_size`` live jobs with ``key``, oldest first."""
+        batch: list[_Job] = []
+        rest: deque[_Job] = deque()
+        for job in self._waiting:
+            if job.future.done():
+                continue  # cancelled while waiting
+            if job.key == key and len(batch) < self.max_batch_size:
+                batch.append(job)
+            else:
+                rest.append(job)
+        self._waiting = rest
+        self._metrics.queue_depth.labels(self.name).set(len(rest))
+        return batch
+
+    async def _run_batch(self, batch: list[_Job]) -> None:
+        predictor = batch[0].predictor
+        start = time.perf_counter()
+        try:
+            raws = await asyncio.get_running_loop().run_in_executor(
+                self._executor, predictor.infer, [job.prepared for job in batch]
+            )
+        except Exception as exc:
+            logger.exception("forward pass of %d image(s) on %s failed", len(batch), self.name)
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        inference_s = time.perf_counter() - start
+        self._metrics.batch_size.labels(self.name).observe(len(batch))
+        for job, raw in zip(batch, raws, strict=True):
+            queue_s = start - job.submitted
+            self._metrics.stage_latency.labels(self.name, "queue").observe(queue_s)
+            self._metrics.stage_latency.labels(self.name, "inference").observe(inference_s)
+            if not job.future.done():
+                job.future.set_result(
+                    BatchResult(raw=raw, predictor=predictor, queue_s=queue_s, inference_s=inference_s,
+                                batch_size=len(batch))
+                )

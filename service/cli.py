@@ -1,0 +1,88 @@
+"""``gnws serve``: run the detection service under uvicorn.
+
+Flags override ``GNWS_*`` environment variables (see :class:`service.settings.Settings`). Weights
+are checked before uvicorn starts, so missing ones end the command at once with the
+``gnws fetch`` message (exit status 2, printed by ``gnws/cli.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import ConfigurationError
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# flag -> Settings field (None: same name with dashes as underscores)
+_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("--host", {"help": "address to bind (default 127.0.0.1; 0.0.0.0 exposes it on every interface)"}),
+    ("--port", {"type": int, "help": "port (default 8000)"}),
+    ("--detect-model", {"help": "zoo key or .safetensors behind /v1/detect ('none' disables)"}),
+    ("--segment-model", {"help": "zoo key or .safetensors behind /v1/segment ('none' disables)"}),
+    ("--extra-models", {"help": "comma-separated further models selectable with ?model=NAME"}),
+    ("--device", {"help": "auto, cpu, cuda, cuda:1, ..."}),
+    ("--torch-threads", {"type": int, "help": "intra-op threads for inference"}),
+    ("--max-batch-size", {"type": int, "help": "most images per forward pass"}),
+    ("--max-batch-delay-ms", {"type": float, "help": "wait for more same-shape images (ms)"}),
+    ("--queue-size", {"type": int, "help": "images waiting per model before 429"}),
+    ("--request-timeout-s", {"type": float, "help": "per-request queue + inference limit (then 503)"}),
+    ("--max-upload-bytes", {"type": int, "help": "request body limit (413 above)"}),
+    ("--max-files", {"type": int, "help": "images per multipart request"}),
+    ("--max-pixels", {"type": int, "help": "decoded pixel limit (decompression-bomb guard, 413 above)"}),
+    ("--max-in-flight", {"type": int, "help": "inference requests handled at once (429 above)"}),
+    ("--image-scale", {"help": "MAX,MIN test scale instead of 1333,800 (smoke tests only)"}),
+    ("--model-store", {"type": Path, "help": "folder reloads read from (default: GNWS_MODEL_STORE or the cache)"}),
+    ("--cors-origins", {"help": "comma-separated browser origins allowed to call the API"}),
+)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the HTTP detection service (FastAPI under uvicorn)",
+        description="Flags override the GNWS_* environment variables. The API key is read from GNWS_API_KEY "
+        "only (a flag would show it in the process list).",
+    )
+    for flag, kwargs in _FLAGS:
+        p.add_argument(flag, default=None, **kwargs)
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
+                   help="skip the warm-up forward pass per model")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """:class:`~service.settings.Settings` from the environment with the given flags on top."""
+    overrides = {}
+    for flag, _ in (*_FLAGS, ("--warmup", {})):
+        field = flag.lstrip("-").replace("-", "_")
+        value = getattr(args, field, None)
+        if value is not None:
+            overrides[field] = value
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors())
+        raise ConfigurationError(f"invalid settings: {problems}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .registry import resolve_startup_source
+
+    settings = settings_from_args(args)
+    # Fail fast, before uvicorn starts (the lifespan repeats this check).
+    for source in settings.model_sources():
+        resolve_startup_source(source, settings.model_store)
+    app = create_app(settings)
+    logger.info("serving on http://%s:%d (docs at /docs, page at /)", settings.host, settings.port)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    return 0

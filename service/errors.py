@@ -1,0 +1,97 @@
+"""Domain errors of the HTTP service and the one table mapping every domain error to a status.
+
+Model-side errors (:mod:`models.errors`) and these all derive from :class:`models.GnwsError`;
+:func:`service.app.create_app` installs a single exception handler that looks the status up here
+(``../shared/STYLE.md``: 4xx for bad input, 413 for too large, 429/503 with ``Retry-After``
+under overload, 503 while not ready).
+"""
+
+from __future__ import annotations
+
+from models import CheckpointError, GnwsError, ImageDecodeError, ImageTooLargeError, WeightsNotFoundError
+
+
+class ServiceError(GnwsError):
+    """Base class of errors raised by the service itself."""
+
+
+class ConfigurationError(ServiceError):
+    """Settings are invalid (startup only)."""
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    """The request body is neither multipart form data nor an image."""
+
+
+class PayloadTooLargeError(ServiceError):
+    """The request body exceeds the upload limit."""
+
+
+class BadRequestError(ServiceError):
+    """A request is malformed in a way FastAPI's validation cannot see (form without a file, ...)."""
+
+
+class InvalidParameterError(ServiceError):
+    """A query parameter is well-typed but meaningless here (unknown class, wrong model kind, ...)."""
+
+
+class UnknownModelError(ServiceError):
+    """No loaded model has that name."""
+
+
+class OverloadedError(ServiceError):
+    """The queue is full or too many requests are in flight; retry after ``Retry-After`` seconds."""
+
+
+class RequestTimeoutError(ServiceError):
+    """A request waited and ran longer than the per-request timeout."""
+
+
+class NotReadyError(ServiceError):
+    """Models are still loading (or the server is shutting down)."""
+
+
+class AuthenticationError(ServiceError):
+    """The API key is missing or wrong."""
+
+
+class ReloadDisabledError(ServiceError):
+    """Reloads need an API key configured on the server (``GNWS_API_KEY``)."""
+
+
+class ReloadSourceError(ServiceError):
+    """A reload source is outside the model store or not a model file."""
+
+
+class ReloadFailedError(CheckpointError):
+    """A new checkpoint could not be loaded or warmed up; the old model keeps serving."""
+
+
+# Most specific first: the first class in an error's MRO found here decides its status.
+STATUS_BY_ERROR: dict[type[GnwsError], int] = {
+    ImageTooLargeError: 413,
+    PayloadTooLargeError: 413,
+    ImageDecodeError: 400,
+    BadRequestError: 400,
+    ReloadSourceError: 400,
+    AuthenticationError: 401,
+    ReloadDisabledError: 403,
+    UnknownModelError: 404,
+    WeightsNotFoundError: 404,
+    UnsupportedMediaTypeError: 415,
+    InvalidParameterError: 422,
+    CheckpointError: 422,
+    OverloadedError: 429,
+    RequestTimeoutError: 503,
+    NotReadyError: 503,
+}
+
+RETRYABLE_STATUSES = frozenset({429, 503})
+
+
+def status_for(exc: GnwsError) -> int:
+    """HTTP status of a domain error (500 for a domain error this table does not know)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500

@@ -1,0 +1,1 @@
+"""One router per resource: inference (detect/segment), models, health (and metrics), web page."""

@@ -1,0 +1,119 @@
+"""Service settings: environment variables ``GNWS_*``, overridden by ``gnws serve`` flags.
+
+pydantic-settings lives here only (``../shared/STYLE.md``); the rest of the service receives a
+:class:`Settings` instance through :func:`service.app.create_app`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models import DEFAULT_DETECT_MODEL, DEFAULT_SEGMENT_MODEL
+from models.preprocess import DEFAULT_MAX_PIXELS
+from models.store import model_store
+
+_DISABLED = {"", "none", "off", "-"}
+
+
+class Settings(BaseSettings):
+    """Everything an operator can tune. Every field is also the env var ``GNWS_<FIELD>``.
+
+    Attributes:
+        detect_model: model behind ``/v1/detect`` (zoo key or ``.safetensors`` path; ``none`` disables).
+        segment_model: model behind ``/v1/segment`` (must have masks; ``none`` disables).
+        extra_models: more models selectable with ``?model=NAME`` (comma-separated in the env).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
+        torch_threads: intra-op threads for inference (default: torch's choice).
+        max_batch_size: most images one forward pass takes (per model).
+        max_batch_delay_ms: how long the batcher waits for more images of the same padded shape.
+        queue_size: images waiting per model before requests are refused with 429.
+        request_timeout_s: per-request limit on queueing + inference, then 503.
+        max_upload_bytes: request-body limit (413 above it), enforced while reading.
+        max_files: images per multipart request.
+        max_pixels: decompression-bomb guard: decoded pixel count limit (413 above it).
+        max_in_flight: inference requests being read, decoded or waiting, all models together
+            (429 above it); bounds memory: about ``max_in_flight × max_upload_bytes``.
+        api_key: required for ``POST /v1/models/{name}/reload``; unset disables reloads.
+        host / port: where ``gnws serve`` listens (loopback unless told otherwise).
+        image_scale: ``(max_size, min_size)`` test scale instead of (1333, 800); smoke tests only.
+        model_store: folder reloads may read from (default: ``$GNWS_MODEL_STORE`` or the gnws cache).
+        warmup: run one forward pass per model before reporting ready.
+        retry_after_s: ``Retry-After`` seconds on 429/503.
+        cors_origins: allowed browser origins for the API (none by default).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="GNWS_", extra="ignore", frozen=True)
+
+    detect_model: str | None = DEFAULT_DETECT_MODEL
+    segment_model: str | None = DEFAULT_SEGMENT_MODEL
+    extra_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    device: str = "auto"
+    torch_threads: int | None = Field(default=None, ge=1)
+    max_batch_size: int = Field(default=4, ge=1, le=64)
+    max_batch_delay_ms: float = Field(default=5.0, ge=0, le=10_000)
+    queue_size: int = Field(default=16, ge=1)
+    request_timeout_s: float = Field(default=60.0, gt=0)
+    max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_files: int = Field(default=8, ge=1)
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    max_in_flight: int = Field(default=64, ge=1)
+    api_key: SecretStr | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    image_scale: Annotated[tuple[int, int] | None, NoDecode] = None
+    model_store: Path = Field(default_factory=model_store)
+    warmup: bool = True
+    retry_after_s: int = Field(default=1, ge=0)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("detect_model", "segment_model", mode="before")
+    @classmethod
+    def _none_disables(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in _DISABLED:
+            return None
+        return value
+
+    @field_validator("extra_models", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("image_scale", mode="before")
+    @classmethod
+    def _parse_scale(cls, value: Any) -> Any:
+        """Accept ``"512,320"``, ``"512x320"`` or a pair; ``none`` means mmdetection's (1333, 800)."""
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in _DISABLED:
+                return None
+            parts = text.replace("x", ",").split(",")
+            if len(parts) != 2:
+                raise ValueError(f"image_scale must be 'MAX,MIN' such as '512,320', got {value!r}")
+            return tuple(int(p) for p in parts)
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value else value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.image_scale is not None and (min(self.image_scale) < 32 or self.image_scale[0] < self.image_scale[1]):
+            raise ValueError(f"image_scale is (max_size, min_size) with max ≥ min ≥ 32, got {self.image_scale}")
+        if self.max_files > self.queue_size:
+            raise ValueError(f"max_files ({self.max_files}) cannot exceed queue_size ({self.queue_size})")
+        if not self.model_sources():
+            raise ValueError("no model to serve: set GNWS_DETECT_MODEL, GNWS_SEGMENT_MODEL or GNWS_EXTRA_MODELS")
+        return self
+
+    def model_sources(self) -> list[str]:
+        """Every model source to load, without duplicates, in a stable order."""
+        sources = [s for s in (self.detect_model, self.segment_model, *self.extra_models) if s]
+        return list(dict.fromkeys(sources))

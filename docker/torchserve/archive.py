@@ -1,0 +1,229 @@
+"""Build a TorchServe model archive (``.mar``) from a baked gnws model.
+
+``gnws archive NAME`` (see :mod:`gnws.archive_cli`) and ``python docker/torchserve/archive.py NAME``
+run this. NAME is a zoo key (resolved through the model store, converting a cached zoo checkpoint
+if needed), a model-store name (e.g. a fine-tuned export) or a path to a gnws ``.safetensors``.
+The archive holds the baked weights as its serialized file, ``gnws_handler.py`` and a
+``model-config.yaml`` with TorchServe's batching/worker settings and the handler's settings.
+The archive is written atomically (temp file in the export folder, then rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from models import bake_file, read_model_info
+from models.errors import CheckpointError, GnwsError, WeightsNotFoundError
+from models.store import ensure_baked_zoo_model, is_zoo_name, model_store, store_path
+from models.zoo import ZOO
+
+logger = logging.getLogger(__name__)
+
+HANDLER = Path(__file__).resolve().parent / "gnws_handler.py"
+# TorchServe's model-name rule (model_archiver ModelExportUtils.check_model_name_regex_or_exit).
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArchiveSettings:
+    """What goes into ``model-config.yaml``.
+
+    Attributes:
+        batch_size: TorchServe ``batchSize`` (requests per handler call).
+        max_batch_delay_ms: TorchServe ``maxBatchDelay``: how long to wait to fill a batch.
+        min_workers / max_workers: worker processes per model.
+        response_timeout_s: TorchServe ``responseTimeout`` per batch.
+        device: handler device (``auto`` = the worker's assigned GPU if any, else CPU).
+        image_scale: ``(max_size, min_size)`` test scale for tests and smoke runs; ``None`` = model's.
+    """
+
+    batch_size: int = 4
+    max_batch_delay_ms: int = 50
+    min_workers: int = 1
+    max_workers: int = 1
+    response_timeout_s: int = 120
+    device: str = "auto"
+    image_scale: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "min_workers", "max_workers", "response_timeout_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_delay_ms < 0:
+            raise ValueError(f"max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
+        if self.max_workers < self.min_workers:
+            raise ValueError(f"max_workers ({self.max_workers}) is below min_workers ({self.min_workers})")
+
+
+def model_config_yaml(settings: ArchiveSettings, model_name: str) -> str:
+    """TorchServe ``model-config.yaml``; values are JSON scalars/lists, which are valid YAML."""
+    handler: dict[str, object] = {"model_name": model_name, "device": settings.device}
+    if settings.image_scale is not None:
+        handler["image_scale"] = list(settings.image_scale)
+    lines = [
+        f"minWorkers: {settings.min_workers}",
+        f"maxWorkers: {settings.max_workers}",
+        f"batchSize: {settings.batch_size}",
+        f"maxBatchDelay: {settings.max_batch_delay_ms}",
+        f"responseTimeout: {settings.response_timeout_s}",
+        "handler:",
+        *(f"  {key}: {json.dumps(value)}" for key, value in handler.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def resolve_model_file(name: str) -> Path:
+    """The baked-or-not ``.safetensors`` for a zoo key, a model-store name or a path.
+
+    Raises:
+        WeightsNotFoundError: nothing by that name is on this machine.
+    """
+    path = Path(name)
+    if path.suffix == ".safetensors" or path.is_file():
+        if not path.is_file():
+            raise WeightsNotFoundError(f"no model file at {path}")
+        return path
+    if store_path(name).is_file():
+        return store_path(name)
+    if is_zoo_name(name):
+        return ensure_baked_zoo_model(name)
+    close = difflib.get_close_matches(name, list(ZOO), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise WeightsNotFoundError(
+        f"{name!r} is neither a zoo key{hint}, a model in the model store ({model_store()}) nor a .safetensors "
+        "file; see `gnws zoo`, or export a trained model with `gnws export`"
+    )
+
+
+def default_model_name(name: str) -> str:
+    return Path(name).stem if Path(name).suffix == ".safetensors" else name
+
+
+def build_archive(
+    name: str,
+    export_dir: str | os.PathLike[str],
+    *,
+    model_name: str | None = None,
+    settings: ArchiveSettings | None = None,
+    version: str = "1.0",
+    force: bool = False,
+) -> Path:
+    """Write ``<export_dir>/<model_name>.mar`` for model ``name`` and return its path.
+
+    Unbaked models are baked into a temporary copy first (the archive always serves baked weights).
+
+    Raises:
+        GnwsError: bad model name, existing archive without ``force``, torch-model-archiver missing.
+        WeightsNotFoundError / CheckpointError: the model file is missing or not a gnws model.
+    """
+    settings = settings or ArchiveSettings()
+    model_name = model_name or default_model_name(name)
+    if not MODEL_NAME.match(model_name):
+        raise GnwsError(f"TorchServe model names match {MODEL_NAME.pattern}; got {model_name!r} (use --model-name)")
+    export = Path(export_dir)
+    export.mkdir(parents=True, exist_ok=True)
+    target = export / f"{model_name}.mar"
+    if target.exists() and not force:
+        raise GnwsError(f"{target} already exists; pass --force to replace it")
+    try:
+        from model_archiver.model_archiver_config import ModelArchiverConfig
+        from model_archiver.model_packaging import generate_model_archive
+    except ImportError:
+        raise GnwsError("torch-model-archiver is not installed: pip install 'gnws[torchserve]'") from None
+
+    source = resolve_model_file(name)
+    info = read_model_info(source)
+    with tempfile.TemporaryDirectory(prefix=".gnws-archive-", dir=export) as tmp:
+        staging = Path(tmp)
+        if not info.baked:
+            logger.info("%s is not baked: baking a temporary copy", source)
+            baked = staging / "weights" / f"{model_name}.safetensors"
+            baked.parent.mkdir()
+            bake_file(source, baked)
+            source = baked
+        config = staging / "model-config.yaml"
+        config.write_text(model_config_yaml(settings, model_name))
+        generate_model_archive(ModelArchiverConfig(
+            model_name=model_name,
+            handler=str(HANDLER),
+            version=version,
+            serialized_file=str(source),
+            config_file=str(config),
+            export_path=str(staging),
+            force=True,
+        ))
+        built = staging / f"{model_name}.mar"
+        if not built.is_file():
+            raise CheckpointError(f"torch-model-archiver did not write {built}")
+        with built.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(built, target)
+    logger.info("wrote %s (%s, %.1f MB)", target, info.config.arch, target.stat().st_size / 1e6)
+    return target
+
+
+def parse_image_scale(text: str) -> tuple[int, int]:
+    try:
+        max_size, min_size = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MAX,MIN (e.g. 640,384), got {text!r}") from None
+    return max_size, min_size
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``gnws archive`` (shared with this file's own ``main``)."""
+    p.add_argument("name", metavar="NAME", help="zoo key, model-store name or path to a gnws .safetensors")
+    p.add_argument("-o", "--export-path", type=Path, default=Path(os.environ.get("GNWS_MAR_STORE", "model-store")),
+                   help="folder for the .mar (env GNWS_MAR_STORE, default: %(default)s)")
+    p.add_argument("--model-name", help="TorchServe model name (default: NAME, or the file stem)")
+    p.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize (default: %(default)s)")
+    p.add_argument("--max-batch-delay", type=int, default=50, metavar="MS",
+                   help="TorchServe maxBatchDelay in ms (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="min and max workers (default: %(default)s)")
+    p.add_argument("--response-timeout", type=int, default=120, metavar="S", help="seconds (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
+    p.add_argument("--image-scale", type=parse_image_scale, metavar="MAX,MIN",
+                   help="test-time scale instead of the model's 1333,800 (smoke tests only)")
+    p.add_argument("--version", default="1.0", help="archive version (default: %(default)s)")
+    p.add_argument("-f", "--force", action="store_true", help="replace an existing archive")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the archive the parsed arguments describe; prints its path."""
+    try:
+        settings = ArchiveSettings(
+            batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay, min_workers=args.workers,
+            max_workers=args.workers, response_timeout_s=args.response_timeout, device=args.device,
+            image_scale=args.image_scale,
+        )
+    except ValueError as exc:
+        raise GnwsError(str(exc)) from None
+    path = build_archive(args.name, args.export_path, model_name=args.model_name, settings=settings,
+                         version=args.version, force=args.force)
+    print(path)  # noqa: T201 - CLI output
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="archive.py", description=__doc__.splitlines()[0] if __doc__ else None)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except GnwsError as exc:
+        print(f"archive: error: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+#!/bin/sh
+# Entry point of the torchserve image: weights into the volume, one .mar per model, then TorchServe.
+#   GNWS_TORCHSERVE_MODELS  space-separated zoo keys / model-store names (default: the two R-50 defaults)
+#   GNWS_TS_BATCH_SIZE, GNWS_TS_MAX_BATCH_DELAY_MS, GNWS_TS_WORKERS  batching and workers per model
+#   GNWS_OFFLINE=1          never download (see docs/containers.md)
+# An archive is rebuilt when its model-store file is newer (e.g. after a training export).
+set -eu
+models="${GNWS_TORCHSERVE_MODELS:-faster_rcnn_r50_fpn_gn_ws-all_1x_coco mask_rcnn_r50_fpn_gn_ws-all_2x_coco}"
+mar_store="${GNWS_MAR_STORE:-/home/model-server/model-store}"
+mkdir -p "$mar_store" "${TEMP:-/tmp}"
+# shellcheck disable=SC2086  # word splitting of the model list is intended
+python /opt/gnws/prepare_models.py $models
+for name in $models; do
+    mar="$mar_store/$name.mar"
+    src="${GNWS_MODEL_STORE:-/var/lib/gnws/models}/$name.safetensors"
+    if [ ! -f "$mar" ] || { [ -f "$src" ] && [ "$src" -nt "$mar" ]; }; then
+        gnws archive "$name" --export-path "$mar_store" --force \
+            --batch-size "${GNWS_TS_BATCH_SIZE:-4}" --max-batch-delay "${GNWS_TS_MAX_BATCH_DELAY_MS:-50}" \
+            --workers "${GNWS_TS_WORKERS:-1}"
+    fi
+done
+exec torchserve --start --foreground --ncs --ts-config "${TS_CONFIG_FILE:-/home/model-server/config.properties}" \
+    --model-store "$mar_store"

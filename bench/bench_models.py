@@ -1,0 +1,103 @@
+"""Model-level benchmark: baked vs on-the-fly WS, vs torchvision frozen-BN Faster R-CNN, and
+eager vs torch.compile vs channels_last (fp32 vs bf16 on GPU), all measured in one run.
+
+    python bench/bench_models.py [--repeats 5] [--threads 2] [--compile] [--device cpu|cuda]
+
+Each row is the median wall time of a full forward pass (backbone, RPN, heads, post-processing)
+of GN+WS R-50 Faster R-CNN on one coco-tiny image at mmdetection's 800x1333 test scale
+(800x1216 padded), with the deterministic reference weights. Ratios are against the baked model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import IMAGES, machine_line, make_reference_checkpoint, markdown_table, median_ms, time_call  # noqa: E402
+from models.bake import bake  # noqa: E402
+from models.predictor import Predictor  # noqa: E402
+from models.store import convert_checkpoint  # noqa: E402
+
+STEM = "faster_rcnn_r50_fpn_gn_ws-all_1x_coco"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--image", default="000000010764")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = make_reference_checkpoint(STEM, Path(tmp))
+        unbaked = Predictor(*convert_checkpoint(ckpt, STEM), name=STEM, device=device)
+        model, info = convert_checkpoint(ckpt, STEM)
+        baked = Predictor(model=bake(model), info=info, name=STEM, device=device)
+
+    prepared = baked.prepare(IMAGES / f"{args.image}.jpg")
+    batch = prepared.image_chw[None].to(device)
+
+    def run(pred: Predictor, images: torch.Tensor = batch) -> object:
+        return pred.model(images, [prepared])
+
+    rows: list[tuple[str, list[float]]] = []
+    rows.append(("GN+WS baked (plain convs), fp32", time_call(lambda: run(baked), repeats=args.repeats, cuda=cuda)))
+    rows.append(("GN+WS on-the-fly WS (mmcv ConvWS2d), fp32",
+                 time_call(lambda: run(unbaked), repeats=args.repeats, cuda=cuda)))
+
+    tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=800, max_size=1333).eval().to(device)
+    h, w = prepared.img_shape
+    raw = torch.rand(3, h, w, device=device)
+
+    def run_tv() -> object:
+        with torch.inference_mode():
+            return tv([raw])
+
+    rows.append(("torchvision fasterrcnn_resnet50_fpn (frozen BN), fp32",
+                 time_call(run_tv, repeats=args.repeats, cuda=cuda)))
+
+    baked.model.to(memory_format=torch.channels_last)
+    cl_batch = batch.contiguous(memory_format=torch.channels_last)
+    rows.append(("GN+WS baked, channels_last", time_call(lambda: run(baked, cl_batch), repeats=args.repeats,
+                                                             cuda=cuda)))
+    baked.model.to(memory_format=torch.contiguous_format)
+
+    if args.compile:
+        eager_backbone = baked.model.backbone
+        baked.model.backbone = torch.compile(eager_backbone)  # type: ignore[assignment]
+        rows.append(("GN+WS baked, torch.compile(backbone)",
+                     time_call(lambda: run(baked), repeats=args.repeats, warmup=2, cuda=cuda)))
+        baked.model.backbone = eager_backbone
+    if cuda:
+        def run_bf16() -> object:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return run(baked)
+
+        rows.append(("GN+WS baked, bf16 autocast", time_call(run_bf16, repeats=args.repeats, warmup=2, cuda=cuda)))
+
+    base = median_ms(rows[0][1])
+    print(f"Machine: {machine_line()}; device {device}; image {args.image} "
+          f"({prepared.ori_shape[1]}x{prepared.ori_shape[0]} -> {w}x{h}, padded "
+          f"{prepared.pad_shape[1]}x{prepared.pad_shape[0]}); median of {args.repeats} runs\n")
+    print(markdown_table(
+        ["variant", "median ms", "time / baked"],
+        [[name, f"{median_ms(t):.0f}", f"{median_ms(t) / base:.3f}"] for name, t in rows],
+    ))
+    ratio = median_ms(rows[1][1]) / base
+    print(f"\nbaked is {ratio:.3f}x faster than on-the-fly WS (unbaked / baked time)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

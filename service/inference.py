@@ -106,10 +106,23 @@ def select(
 
 
 def mask_polygons(mask_hw: torch.Tensor) -> list[list[float]]:
-    """Outer outlines of a binary mask as flat ``[x1, y1, x2, y2, ...]`` lists (3+ points each)."""
+    """Outer outlines of a binary mask as flat ``[x1, y1, x2, y2, ...]`` lists (3+ points each).
+
+    A part too thin for a 3-point outline (a pixel, a one-pixel line) becomes its bounding rectangle,
+    so every non-empty mask has at least one polygon.
+    """
     mask = np.ascontiguousarray(mask_hw.numpy().astype(np.uint8))
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
+    polygons: list[list[float]] = []
+    for contour in contours:
+        points = contour.reshape(-1, 2)
+        if len(points) >= 3:
+            polygons.append(points.reshape(-1).astype(float).tolist())
+        else:
+            x0, y0 = points.min(axis=0).tolist()
+            x1, y1 = (points.max(axis=0) + 1).tolist()
+            polygons.append([float(v) for v in (x0, y0, x1, y0, x1, y1, x0, y1)])
+    return polygons
 
 
 class InferencePipeline:

@@ -1,0 +1,111 @@
+"""Bad input gets a 4xx with a message, never a 5xx, and the server keeps answering."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import FASTER_R50
+from tests.service.conftest import SAME_SHAPE, LiveServer, image_bytes, metric_value
+
+
+def _png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+JPEG = image_bytes(SAME_SHAPE[0])
+CASES: list[tuple[str, dict, int]] = [
+    ("empty body, no type", {"content": b""}, 415),
+    ("empty image body", {"content": b"", "headers": {"Content-Type": "image/jpeg"}}, 400),
+    ("text as text/plain", {"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415),
+    ("json body", {"json": {"image": "x"}}, 415),
+    ("form-urlencoded", {"data": {"file": "abc"}}, 415),
+    ("text as image/png", {"content": b"not an image at all", "headers": {"Content-Type": "image/png"}}, 400),
+    ("random bytes upload", {"files": {"file": ("x.jpg", os.urandom(4096), "image/jpeg")}}, 400),
+    ("truncated JPEG", {"files": {"file": ("t.jpg", JPEG[: len(JPEG) // 3], "image/jpeg")}}, 400),
+    ("JPEG header only", {"content": JPEG[:200], "headers": {"Content-Type": "image/jpeg"}}, 400),
+    ("form without a file", {"data": {"note": "hi"}, "files": {"other": ("", b"", "text/plain")}}, 400),
+    ("malformed multipart", {"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data"}}, 400),
+    ("too many files", {"files": [("file", ("a.jpg", JPEG, "image/jpeg"))] * 5}, 400),
+    ("oversize upload", {"content": os.urandom(3 * 1024 * 1024), "headers": {"Content-Type": "image/jpeg"}}, 413),
+    ("oversize multipart", {"files": {"file": ("big.jpg", os.urandom(3 * 1024 * 1024), "image/jpeg")}}, 413),
+    ("pixel bomb PNG", {"files": {"file": ("bomb.png", _png(4000, 4000), "image/png")}}, 413),
+    ("score_threshold > 1", {"params": {"score_threshold": "2"}, "files": {"file": JPEG}}, 422),
+    ("score_threshold NaN", {"params": {"score_threshold": "nan"}, "files": {"file": JPEG}}, 422),
+    ("score_threshold text", {"params": {"score_threshold": "high"}, "files": {"file": JPEG}}, 422),
+    ("negative max_detections", {"params": {"max_detections": "-1"}, "files": {"file": JPEG}}, 422),
+    ("unknown format", {"params": {"format": "gif"}, "files": {"file": JPEG}}, 422),
+    ("unknown class", {"params": {"classes": "persn"}, "files": {"file": JPEG}}, 422),
+    ("unknown model", {"params": {"model": "nope"}, "files": {"file": JPEG}}, 404),
+    ("png format, two images", {"params": {"format": "png"}, "files": [("f", JPEG), ("g", JPEG)]}, 422),
+]
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with server.client(timeout=60) as c:
+        yield c
+
+
+@pytest.mark.parametrize(("label", "request_kwargs", "status"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_a_4xx_with_a_message(client: httpx.Client, label: str, request_kwargs: dict, status: int) -> None:
+    r = client.post("/v1/detect", **request_kwargs)
+    assert r.status_code == status, f"{label}: {r.status_code} {r.text[:300]}"
+    detail = r.json()["detail"]
+    assert detail, label
+    if status == 413:
+        assert "limit" in detail
+
+
+def test_segment_with_a_model_without_masks(client: httpx.Client) -> None:
+    r = client.post("/v1/segment", params={"model": FASTER_R50}, files={"file": JPEG})
+    assert r.status_code == 422
+    assert "mask" in r.json()["detail"]
+
+
+def test_chunked_oversize_body_is_cut_off_while_reading(server: LiveServer) -> None:
+    """No Content-Length: the limit is enforced on the streamed bytes, not by reading everything."""
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(64):  # 64 MiB offered, 2 MiB allowed
+            yield os.urandom(1024 * 1024)
+
+    with server.client(timeout=60) as client:
+        try:
+            r = client.post("/v1/detect", content=chunks(), headers={"Content-Type": "image/jpeg"})
+        except httpx.TransportError:
+            pytest.fail("the server should answer 413, not drop the connection")
+    assert r.status_code == 413
+
+
+def test_server_survives_the_whole_suite(server: LiveServer) -> None:
+    """Run last in this module: still live, still ready, no 5xx counted for any route."""
+    with server.client() as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 200
+        text = client.get("/metrics").text
+    server_errors = sum(
+        metric_value(text, "gnws_http_requests_total", {"status": str(code)}) for code in range(500, 600)
+    )
+    assert server_errors == 0
+    assert metric_value(text, "gnws_http_requests_total", {"route": "/v1/detect", "status": "413"}) >= 3
+
+
+def test_grey_and_alpha_images_are_accepted_formats(client: httpx.Client) -> None:
+    """Not bad input: a tiny RGBA PNG decodes (alpha dropped); tiny images are upscaled, no crash."""
+    rgba = np.zeros((1, 1, 4), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+    r = client.post("/v1/detect", content=buf.getvalue(), headers={"Content-Type": "image/png"},
+                    params={"max_detections": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["images"][0]["detections"] == []
+    assert (r.json()["images"][0]["width"], r.json()["images"][0]["height"]) == (1, 1)

@@ -1,0 +1,106 @@
+"""Hot reloads: atomic swap under traffic with zero failed requests; bad checkpoints are refused."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import FASTER_R50, MASK_R50
+from tests.service.conftest import API_KEY, OTHER_SHAPE, LiveServer, image_bytes, metric_value
+
+AUTH = {"X-API-Key": API_KEY}
+RELOAD = f"/v1/models/{FASTER_R50}/reload"
+
+
+def test_reload_needs_the_api_key(server: LiveServer) -> None:
+    with server.client() as client:
+        missing = client.post(RELOAD)
+        wrong = client.post(RELOAD, headers={"X-API-Key": "nope"})
+        unknown = client.post("/v1/models/nope/reload", headers=AUTH)
+    assert missing.status_code == 401
+    assert wrong.status_code == 401
+    assert missing.headers["WWW-Authenticate"] == "Bearer"
+    assert unknown.status_code == 404
+
+
+def test_bad_checkpoints_are_refused_and_the_old_model_serves(server: LiveServer, model_store: Path) -> None:
+    (model_store / "garbage.safetensors").write_bytes(b"\x00" * 1000)
+    good = (model_store / f"{FASTER_R50}.safetensors").read_bytes()
+    (model_store / "truncated.safetensors").write_bytes(good[: len(good) // 2])
+    with server.client() as client:
+        before = client.get("/v1/models").json()
+        cases = {
+            "garbage.safetensors": 422,
+            "truncated": 422,
+            "missing.safetensors": 404,
+            "../outside.safetensors": 400,
+            "/etc/passwd": 400,
+        }
+        for source, status in cases.items():
+            r = client.post(RELOAD, headers=AUTH, json={"source": source})
+            assert r.status_code == status, (source, r.text)
+            assert r.json()["detail"]
+        # A Faster R-CNN checkpoint cannot replace the model behind /v1/segment.
+        r = client.post(f"/v1/models/{MASK_R50}/reload", headers=AUTH, json={"source": f"{FASTER_R50}.safetensors"})
+        assert r.status_code == 422
+        assert "mask" in r.json()["detail"]
+        after = client.get("/v1/models").json()
+        text = client.get("/metrics").text
+    assert after == before  # nothing changed
+    assert metric_value(text, "gnws_model_reloads_total", {"model": FASTER_R50, "result": "failure"}) >= 5
+
+
+def test_reload_during_traffic_has_zero_failed_requests(
+    server: LiveServer, expected: Callable[[str, str], list[dict[str, Any]]]
+) -> None:
+    """Two clients keep sending while the model is swapped twice (to the Mask R-CNN file and back)."""
+    body = image_bytes(OTHER_SHAPE)
+    jpeg = {"Content-Type": "image/jpeg"}
+    want = expected(FASTER_R50, OTHER_SHAPE)  # R-50 Faster and Mask share their box weights
+
+    async def run() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        responses: list[httpx.Response] = []
+        reloads: list[httpx.Response] = []
+        done = asyncio.Event()
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+
+            async def traffic() -> None:
+                deadline = time.monotonic() + 240
+                sent = 0
+                while not done.is_set() and sent < 10 and time.monotonic() < deadline:
+                    responses.append(await client.post("/v1/detect", content=body, headers=jpeg))
+                    sent += 1
+                # one more after both swaps: it must be served by the final model
+                responses.append(await client.post("/v1/detect", content=body, headers=jpeg))
+
+            async def swap() -> None:
+                await asyncio.sleep(0.3)
+                for source in (f"{MASK_R50}.safetensors", f"{FASTER_R50}.safetensors"):
+                    reloads.append(await client.post(RELOAD, headers=AUTH, json={"source": source}))
+                    assert (await client.get("/healthz")).status_code == 200
+                done.set()
+
+            await asyncio.wait_for(asyncio.gather(traffic(), traffic(), swap()), 300)
+        return responses, reloads
+
+    responses, reloads = asyncio.run(run())
+    assert [r.status_code for r in reloads] == [200, 200], [r.text for r in reloads]
+    assert reloads[0].json()["model"]["arch"] == "mask_rcnn"
+    assert reloads[1].json()["model"]["arch"] == "faster_rcnn"
+    assert reloads[1].json()["previous_generation"] == reloads[0].json()["model"]["generation"]
+    assert [r.status_code for r in responses] == [200] * len(responses), [r.text[:200] for r in responses]
+    for r in responses:
+        boxes = [{k: v for k, v in d.items() if k != "segmentation"} for d in r.json()["images"][0]["detections"]]
+        assert boxes == want
+    generations = [r.json()["model"]["generation"] for r in responses]
+    assert generations[0] == 0
+    assert generations[-1] == reloads[1].json()["model"]["generation"], generations
+    with server.client() as client:
+        final = {m["name"]: m for m in client.get("/v1/models").json()["models"]}[FASTER_R50]
+    assert final["arch"] == "faster_rcnn"
+    assert final["source"].endswith(f"{FASTER_R50}.safetensors")

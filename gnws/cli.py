@@ -20,11 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     models_cli.add_commands(sub)
-    for module in ("service.cli", "training.cli", "gnws.archive_cli"):
+    for module in ("service.cli", "training.cli", "gnws.archive_cli", "loadtest.cli"):
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ModuleNotFoundError as exc:
-            if exc.name and exc.name.split(".")[0] in ("service", "training"):
+            if exc.name and exc.name.split(".")[0] in ("service", "training", "loadtest"):
                 continue  # that package is not built yet
             raise
         mod.add_commands(sub)

@@ -1,8 +1,11 @@
-"""Locust load test of the gnws API: POST coco-tiny images to /v1/detect and /v1/segment.
+"""Locust load test of the gnws API: POST real coco-tiny images to /v1/detect and /v1/segment.
 
-Used headless by the compose profile ``loadtest`` (reports in ./out/loadtest); by hand:
-``locust -f bench/locustfile.py --headless -u 4 -r 1 -t 2m --host http://127.0.0.1:8000``.
-``GNWS_LOADTEST_IMAGES`` is the folder of JPEG/PNG images to send (default: the test images).
+Headless through ``gnws loadtest --url URL`` (bounded run, CSV + HTML + summary) or by hand:
+``locust -f loadtest/locustfile.py --headless -u 4 -r 1 -t 2m --host http://127.0.0.1:8000``.
+``GNWS_LOADTEST_IMAGES`` is the folder of JPEG/PNG images to send (default: the test images);
+``GNWS_LOADTEST_SEGMENT_WEIGHT`` the share of /segment requests (0 disables them, default 1 in 4).
+Failures are labelled ``HTTP <status>`` so the summary can split overload answers (429/503)
+from server errors (5xx).
 """
 
 from __future__ import annotations
@@ -13,33 +16,42 @@ from pathlib import Path
 
 from locust import HttpUser, between, task
 
-IMAGE_DIR = Path(os.environ.get("GNWS_LOADTEST_IMAGES", Path(__file__).resolve().parents[1] / "tests/fixtures/images"))
-IMAGES = sorted((p.name, p.read_bytes()) for p in IMAGE_DIR.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+_DEFAULT_IMAGES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "images"
+IMAGE_DIR = Path(os.environ.get("GNWS_LOADTEST_IMAGES", _DEFAULT_IMAGES))
+IMAGES = sorted(
+    (p.name, p.read_bytes()) for p in IMAGE_DIR.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"}
+) if IMAGE_DIR.is_dir() else []
 if not IMAGES:
     raise SystemExit(f"no .jpg/.png images in {IMAGE_DIR} (set GNWS_LOADTEST_IMAGES)")
+SEGMENT_WEIGHT = float(os.environ.get("GNWS_LOADTEST_SEGMENT_WEIGHT", "0.25"))
+SEGMENT_EVERY = round(1 / SEGMENT_WEIGHT) if SEGMENT_WEIGHT > 0 else 0
+API_KEY = os.environ.get("GNWS_LOADTEST_API_KEY", "")
 
 
 class DetectionUser(HttpUser):
-    """One client sending one image per request, detection three times as often as segmentation."""
+    """One client sending one image per request; /segment for ``SEGMENT_WEIGHT`` of them."""
 
-    wait_time = between(0.0, 0.5)
+    wait_time = between(0.0, 0.2)
 
     def on_start(self) -> None:
         self.images = itertools.cycle(IMAGES)
+        self.counter = itertools.count()
 
     def _post(self, path: str) -> None:
         name, data = next(self.images)
-        with self.client.post(path, files={"file": (name, data, "image/jpeg")}, name=path,
+        headers = {"X-API-Key": API_KEY} if API_KEY else {}
+        content_type = "image/png" if name.lower().endswith(".png") else "image/jpeg"
+        with self.client.post(path, files={"file": (name, data, content_type)}, headers=headers, name=path,
                               catch_response=True) as response:
             if response.status_code != 200:
-                response.failure(f"{response.status_code}: {response.text[:200] or response.error}")
+                response.failure(f"HTTP {response.status_code}")
             elif not isinstance(response.json().get("images"), list):
-                response.failure("no 'images' list in the answer")
+                response.failure("HTTP 200 without an 'images' list")
 
-    @task(3)
-    def detect(self) -> None:
-        self._post("/v1/detect")
-
-    @task(1)
-    def segment(self) -> None:
-        self._post("/v1/segment")
+    @task
+    def detect_or_segment(self) -> None:
+        n = next(self.counter)
+        if SEGMENT_EVERY and n % SEGMENT_EVERY == SEGMENT_EVERY - 1:
+            self._post("/v1/segment")
+        else:
+            self._post("/v1/detect")

@@ -1,0 +1,121 @@
+"""COCO dataset and train pipeline on the fixture subset, and the bad-data errors before training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gnws.cli import main as gnws_main
+from models.config import COCO_CATEGORY_IDS
+from training.data import CocoDetection, collate, segmentation_to_mask
+from training.errors import DatasetError
+
+from .conftest import COCO, FASTER_R50
+
+TRAIN_ANN = COCO / "annotations" / "instances_train2017.json"
+CROWD_IMAGE = "000000204805.jpg"
+
+
+def dataset(**kw) -> CocoDetection:
+    return CocoDetection(TRAIN_ANN, COCO / "train2017", **kw)
+
+
+def test_categories_crowd_and_filtering() -> None:
+    ds = dataset(image_scale=(320, 192))
+    assert ds.categories.ids == COCO_CATEGORY_IDS  # the official category list is kept
+    index = next(i for i, info in enumerate(ds.images) if info["file_name"] == CROWD_IMAGE)
+    anns = ds.coco.imgToAnns[ds.images[index]["id"]]
+    assert len(ds.instances(index).labels) == sum(1 for a in anns if not a["iscrowd"]) < len(anns)
+    assert sorted(set(ds.aspect_groups())) == [0, 1]
+
+
+def test_resize_flip_and_masks_stay_aligned() -> None:
+    plain = dataset(image_scale=(320, 192), flip_prob=0.0, with_masks=True)
+    flipped = dataset(image_scale=(320, 192), flip_prob=1.0, with_masks=True)
+    a, b = plain[0], flipped[0]
+    h, w = a.img_shape
+    assert max(h, w) <= 320
+    assert min(h, w) <= 192
+    assert (max(h, w) == 320 or min(h, w) == 192)
+    assert b.flipped
+    assert not a.flipped
+    torch.testing.assert_close(b.image_chw, a.image_chw.flip(-1))
+    torch.testing.assert_close(b.masks_ghw, a.masks_ghw.flip(-1))
+    torch.testing.assert_close(b.boxes_xyxy[:, [0, 2]], w - a.boxes_xyxy[:, [2, 0]])
+    for box, mask in zip(a.boxes_xyxy, a.masks_ghw, strict=True):  # each mask lies inside its box
+        ys, xs = np.nonzero(mask.numpy())
+        assert xs.min() >= box[0].item() - 1
+        assert xs.max() <= box[2].item() + 1
+        assert ys.min() >= box[1].item() - 1
+        assert ys.max() <= box[3].item() + 1
+
+
+def test_rle_and_polygon_masks_decode_alike() -> None:
+    poly = [[10.0, 10.0, 30.0, 10.0, 30.0, 20.0, 10.0, 20.0]]
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.frPyObjects(poly, 40, 50)[0]
+    rle["counts"] = rle["counts"].decode()
+    m_poly = segmentation_to_mask(poly, 40, 50)
+    np.testing.assert_array_equal(segmentation_to_mask(rle, 40, 50), m_poly)
+    assert m_poly.sum() > 150
+
+
+def test_collate_pads_to_multiple_of_32() -> None:
+    ds = dataset(image_scale=(320, 192))
+    batch = collate([ds[0], ds[1]])
+    assert batch.images_nchw.shape[2] % 32 == 0
+    assert batch.images_nchw.shape[3] % 32 == 0
+    for i, (h, w) in enumerate(batch.img_shapes):
+        assert batch.images_nchw[i, :, h:, :].abs().sum() == 0
+        assert batch.images_nchw[i, :, :, w:].abs().sum() == 0
+
+
+def _broken_copy(tmp_path: Path, mutate) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(COCO, root)
+    mutate(root)
+    return root
+
+
+def _train(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    rc = gnws_main(["train", "--model", FASTER_R50, "--data", str(root), "--work-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before training
+    return err
+
+
+def test_missing_image_is_reported_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _broken_copy(tmp_path, lambda r: (r / "train2017" / "000000188421.jpg").unlink())
+    err = _train(root, tmp_path, capsys)
+    assert "1 image file(s) listed" in err
+    assert "000000188421.jpg" in err
+
+
+def test_broken_json_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def truncate(r: Path) -> None:
+        ann = r / "annotations" / "instances_train2017.json"
+        ann.write_text(ann.read_text()[:500])
+
+    assert "is not valid JSON" in _train(_broken_copy(tmp_path, truncate), tmp_path, capsys)
+
+
+def test_zero_usable_images_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def only_crowd_free_images(r: Path) -> None:
+        ann = r / "annotations" / "instances_train2017.json"
+        data = json.loads(ann.read_text())
+        data["annotations"] = []
+        ann.write_text(json.dumps(data))
+
+    assert "no usable training images" in _train(_broken_copy(tmp_path, only_crowd_free_images), tmp_path, capsys)
+
+
+def test_missing_annotation_file_raises_dataset_error(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="no annotation file"):
+        CocoDetection(tmp_path / "nope.json", tmp_path)

@@ -1,0 +1,41 @@
+"""``python -m training train|eval|export ...``: the entry point for torchrun (one process per GPU).
+
+Example: ``torchrun --nproc-per-node 8 -m training train --model NAME --data ROOT``. Logging is
+configured here: INFO on rank 0, warnings only on the other ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from models.errors import GnwsError
+
+from .cli import add_commands
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_commands(sub)
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    level = (logging.DEBUG if args.verbose else logging.INFO) if rank == 0 else logging.WARNING
+    logging.basicConfig(
+        level=level, format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (GnwsError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        sys.stderr.write(f"training {args.command}: error: {message}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

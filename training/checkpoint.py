@@ -1,0 +1,111 @@
+"""Training checkpoints: atomic writes, safe loads, RNG capture, retention.
+
+A checkpoint is ``torch.save`` of plain containers and tensors only (so it loads with
+``weights_only=True``): ``format``, ``model`` (detector state dict, WS unbaked), ``optimizer``,
+``scheduler``, ``scaler``, ``position`` (``epoch``, ``batch`` within the epoch, ``iteration``),
+``rng`` (per rank: torch, CUDA, numpy, python), ``config`` (the TrainConfig JSON), ``detector``
+(the DetectorConfig JSON), ``metrics`` and ``best``. Writes go to a temp file in the same folder,
+are fsynced and renamed (:func:`models.files.atomic_writer`), so a killed run never leaves a
+half-written file where ``--resume`` would read it. ``checkpoints/latest.json`` names the newest.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.files import atomic_write_bytes
+
+from .errors import ResumeError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "gnws-train-1"
+LATEST = "latest.json"
+BEST = "best.pt"
+BEST_JSON = "best.json"
+
+
+def capture_rng() -> dict[str, Any]:
+    """The RNG states of this process, as weights-only-loadable values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": random.getstate(),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` (plus the format tag) to ``path`` atomically."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a training checkpoint with ``weights_only=True``."""
+    if not path.is_file():
+        raise ResumeError(f"no checkpoint at {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ResumeError(f"{path} is not a readable training checkpoint: {exc}") from None
+    if not is_training_checkpoint(obj):
+        raise ResumeError(f"{path} is not a gnws training checkpoint (no format {FORMAT!r})")
+    return obj
+
+
+def is_training_checkpoint(obj: object) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def write_latest(ckpt_dir: Path, name: str) -> None:
+    atomic_write_bytes(ckpt_dir / LATEST, json.dumps({"checkpoint": name}).encode())
+
+
+def find_latest(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run folder's ``checkpoints/``, or ``None``."""
+    pointer = ckpt_dir / LATEST
+    if pointer.is_file():
+        try:
+            name = json.loads(pointer.read_text())["checkpoint"]
+        except (ValueError, KeyError, TypeError):
+            name = None
+        if name and (ckpt_dir / name).is_file():
+            return ckpt_dir / name
+    candidates = sorted(ckpt_dir.glob("iter_*.pt"))
+    return candidates[-1] if candidates else None
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:08d}.pt"
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``iter_*.pt`` files (``best.pt`` is never touched)."""
+    for old in sorted(ckpt_dir.glob("iter_*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+        logger.debug("removed old checkpoint %s", old)

@@ -13,6 +13,7 @@ Prints a markdown table; the goal is a ratio ≤ 1.10 on CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -66,27 +67,33 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def bench_predictor(weights: Path, image: bytes, n: int, scale: tuple[int, int] | None) -> list[float]:
-    from models import Predictor
-
-    predictor = Predictor.load(weights, device="cpu", image_scale=scale)
-    predictor.predict(image)  # warm-up
-    times = []
-    for _ in tqdm(range(n), desc="predictor.predict", unit="img"):
-        start = time.perf_counter()
-        predictor.predict(image)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def bench_service(weights: Path, image: bytes, n: int, threads: int, scale: tuple[int, int] | None
-                  ) -> tuple[list[float], list[dict[str, float]]]:
+def _wait_ready(client: httpx.Client, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 600
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"gnws serve exited with {proc.returncode}")
+        with contextlib.suppress(httpx.TransportError):
+            if client.get("/readyz").status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise SystemExit("gnws serve did not become ready")
+        time.sleep(0.2)
+
+
+def run_bench(weights: Path, image: bytes, n: int, threads: int, scale: tuple[int, int] | None
+              ) -> tuple[list[float], list[float], list[dict[str, float]]]:
+    """Alternate one predictor call and one request, ``n`` times each, so load drifts hit both alike.
+
+    Returns predictor times, service times (client wall clock) and the server's per-stage timings.
+    """
+    from models import Predictor
+
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GNWS_")}
     cmd = [sys.executable, "-m", "gnws.cli", "serve", "--port", str(port), "--detect-model", str(weights),
@@ -95,30 +102,25 @@ def bench_service(weights: Path, image: bytes, n: int, threads: int, scale: tupl
         cmd += ["--image-scale", f"{scale[0]},{scale[1]}"]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     try:
-        url = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=url, timeout=600) as client:
-            deadline = time.monotonic() + 600
-            while True:
-                if proc.poll() is not None:
-                    raise SystemExit(f"gnws serve exited with {proc.returncode}")
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("gnws serve did not become ready")
-                time.sleep(0.2)
-            headers = {"Content-Type": "image/jpeg"}
-            client.post("/v1/detect", content=image, headers=headers).raise_for_status()  # warm-up
-            times, stages = [], []
-            for _ in tqdm(range(n), desc="POST /v1/detect", unit="req"):
+        predictor = Predictor.load(weights, device="cpu", image_scale=scale)
+        headers = {"Content-Type": "image/jpeg"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+            _wait_ready(client, proc)
+            predictor.predict(image)  # warm-up, both sides
+            client.post("/v1/detect", content=image, headers=headers).raise_for_status()
+            predictor_s: list[float] = []
+            service_s: list[float] = []
+            stages: list[dict[str, float]] = []
+            for _ in tqdm(range(n), desc="predictor.predict + POST /v1/detect", unit="pair"):
+                start = time.perf_counter()
+                predictor.predict(image)
+                predictor_s.append(time.perf_counter() - start)
                 start = time.perf_counter()
                 r = client.post("/v1/detect", content=image, headers=headers)
-                times.append(time.perf_counter() - start)
+                service_s.append(time.perf_counter() - start)
                 r.raise_for_status()
                 stages.append(r.json()["images"][0]["timings"])
-        return times, stages
+        return predictor_s, service_s, stages
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -144,8 +146,7 @@ def main() -> int:
     weights = baked_weights(args.model, args.cache)
     image = args.image.read_bytes()
 
-    service_s, stages = bench_service(weights, image, args.requests, args.threads, scale)  # type: ignore[arg-type]
-    predictor_s = bench_predictor(weights, image, args.requests, scale)  # type: ignore[arg-type]
+    predictor_s, service_s, stages = run_bench(weights, image, args.requests, args.threads, scale)  # type: ignore[arg-type]
 
     p50_service, p50_predictor = statistics.median(service_s), statistics.median(predictor_s)
     ratio = p50_service / p50_predictor
@@ -153,7 +154,7 @@ def main() -> int:
     scale_text = f"{scale[0]}x{scale[1]}" if scale else "1333x800 (full)"
     print()
     print(f"`/v1/detect` vs `Predictor.predict`: {args.model}, {args.image.name}, scale {scale_text}, "
-          f"{args.requests} requests at concurrency 1, torch threads {args.threads}, "
+          f"{args.requests} requests at concurrency 1 alternating with predictor calls, torch threads {args.threads}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print()
     print("| measure | p50 ms | p90 ms | min ms |")

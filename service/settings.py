@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_files: int = Field(default=8, ge=1)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
-    max_in_flight: int = Field(default=64, ge=1)
+    max_in_flight: int = Field(default=32, ge=1)
     api_key: SecretStr | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

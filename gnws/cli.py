@@ -16,7 +16,10 @@ from models.errors import GnwsError
 def build_parser() -> argparse.ArgumentParser:
     from models import cli as models_cli
 
-    parser = argparse.ArgumentParser(prog="gnws", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="gnws",
+        description="Serve and refresh GN+WS (Group Norm + Weight Standardization) Faster/Mask R-CNN detectors.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     models_cli.add_commands(sub)

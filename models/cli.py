@@ -13,7 +13,7 @@ from .errors import CheckpointError
 from .fetch import fetch
 from .predictor import Predictor
 from .preprocess import decode_image
-from .store import checkpoint_path, convert_checkpoint, store_path
+from .store import checkpoint_path, convert_checkpoint, ensure_baked_zoo_model, store_path
 from .zoo import DEFAULT_DETECT_MODEL, ZOO
 
 logger = logging.getLogger(__name__)
@@ -74,11 +74,12 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 def cmd_fetch(args: argparse.Namespace) -> int:
     names = list(ZOO) if args.names == ["all"] else args.names
     for name in names:
+        if args.bake and not args.force and store_path(name).is_file():
+            print(f"{name}: already baked at {store_path(name)}")
+            continue
         path = fetch(name, mirror=args.mirror, force=args.force)
         print(f"{name}: {path}")
         if args.bake:
-            from .store import ensure_baked_zoo_model
-
             print(f"{name}: baked {ensure_baked_zoo_model(name)}")
     return 0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,11 @@ def _bake_children(module: nn.Module) -> None:
             _bake_children(child)
 
 
+def baked(model: GNWSDetector, info: ModelInfo) -> tuple[GNWSDetector, ModelInfo]:
+    """:func:`bake` ``model`` in place and return it with ``info`` marked baked."""
+    return bake(model), replace(info, baked=True)
+
+
 def save_model(model: GNWSDetector, path: str | Path, info: ModelInfo) -> Path:
     """Write ``model`` to ``path`` (``.safetensors``) atomically with ``info`` as metadata."""
     if info.baked != model.is_baked:
@@ -154,14 +159,6 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
 
 def bake_file(src: str | Path, dst: str | Path) -> ModelInfo:
     """Bake a gnws ``.safetensors`` model file into ``dst`` (a copy if already baked)."""
-    model, info = load_model(src)
-    bake(model)
-    baked_info = ModelInfo(
-        config=info.config,
-        baked=True,
-        zoo_key=info.zoo_key,
-        source_sha256=info.source_sha256,
-        provenance=info.provenance,
-    )
-    save_model(model, dst, baked_info)
-    return baked_info
+    model, info = baked(*load_model(src))
+    save_model(model, dst, info)
+    return info

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from .bake import ModelInfo, bake, bake_file, read_model_info, save_model
+from .bake import bake_file, baked, read_model_info, save_model
 from .draw import draw_detections
 from .errors import CheckpointError
 from .fetch import fetch
@@ -87,9 +87,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     model, info = convert_checkpoint(args.src, args.model)
     if args.bake:
-        bake(model)
-        info = ModelInfo(config=info.config, baked=True, zoo_key=info.zoo_key,
-                         source_sha256=info.source_sha256, provenance=info.provenance)
+        model, info = baked(model, info)
     save_model(model, args.output, info)
     print(f"{args.output}: {info.config.arch}, {info.config.num_classes} classes, baked={info.baked}")
     return 0
@@ -99,10 +97,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
     if args.src.suffix == ".pth":
         if not args.model:
             raise CheckpointError(f"{args.src} is an mmdetection checkpoint: pass --model NAME")
-        model, info = convert_checkpoint(args.src, args.model)
-        bake(model)
-        info = ModelInfo(config=info.config, baked=True, zoo_key=info.zoo_key,
-                         source_sha256=info.source_sha256, provenance=info.provenance)
+        model, info = baked(*convert_checkpoint(args.src, args.model))
         out = args.output or store_path(args.model)
         save_model(model, out, info)
     else:

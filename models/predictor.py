@@ -19,7 +19,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 
-from .bake import ModelInfo, bake, load_model
+from .bake import ModelInfo, baked, load_model
 from .detector import GNWSDetector
 from .errors import CheckpointError
 from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, PreparedImage, decode_image, prepare_image
@@ -122,10 +122,7 @@ class Predictor:
                     raise CheckpointError(
                         f"{path} is an mmdetection checkpoint: say which zoo architecture it is (--model NAME)"
                     )
-                model, info = convert_checkpoint(path, model_name)
-                bake(model)
-                info = ModelInfo(config=info.config, baked=True, zoo_key=info.zoo_key,
-                                 source_sha256=info.source_sha256, provenance=info.provenance)
+                model, info = baked(*convert_checkpoint(path, model_name))
             else:
                 model, info = load_model(path)
             name = model_name or path.stem

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .bake import ModelInfo, bake, save_model
+from .bake import ModelInfo, baked, save_model
 from .detector import GNWSDetector, build_detector
 from .errors import WeightsNotFoundError
 from .mmdet_convert import config_for_checkpoint, convert_mmdet_state_dict, read_mmdet_checkpoint
@@ -91,17 +91,13 @@ def ensure_baked_zoo_model(name: str) -> Path:
         WeightsNotFoundError: neither a baked file nor the zoo checkpoint is on disk.
     """
     entry = get_entry(name)
-    baked = store_path(entry.key)
-    if baked.is_file():
-        return baked
+    out = store_path(entry.key)
+    if out.is_file():
+        return out
     ckpt = checkpoint_path(entry)
     if not ckpt.is_file():
         raise WeightsNotFoundError(missing_weights_message(entry))
-    logger.info("converting and baking %s into %s", ckpt, baked)
-    model, info = convert_checkpoint(ckpt, entry.key)
-    bake(model)
-    save_model(model, baked, ModelInfo(
-        config=info.config, baked=True, zoo_key=info.zoo_key, source_sha256=info.source_sha256,
-        provenance=info.provenance,
-    ))
-    return baked
+    logger.info("converting and baking %s into %s", ckpt, out)
+    model, info = baked(*convert_checkpoint(ckpt, entry.key))
+    save_model(model, out, info)
+    return out

@@ -70,7 +70,7 @@ def baked_model(
     tmp_path_factory: pytest.TempPathFactory, mmdet_checkpoint: Callable[[str], Path]
 ) -> Callable[[str], Path]:
     """``stem -> path`` of a baked gnws ``.safetensors`` converted from the reference weights."""
-    from models.bake import ModelInfo, bake, save_model
+    from models.bake import baked, save_model
     from models.store import convert_checkpoint
 
     root = tmp_path_factory.mktemp("baked")
@@ -78,10 +78,8 @@ def baked_model(
     def make(stem: str) -> Path:
         path = root / f"{stem}.safetensors"
         if not path.exists():
-            model, info = convert_checkpoint(mmdet_checkpoint(stem), stem)
-            bake(model)
-            save_model(model, path, ModelInfo(config=info.config, baked=True, zoo_key=stem,
-                                              source_sha256=info.source_sha256, provenance=info.provenance))
+            model, info = baked(*convert_checkpoint(mmdet_checkpoint(stem), stem))
+            save_model(model, path, info)
         return path
 
     return make

@@ -87,17 +87,23 @@ def write_latest(ckpt_dir: Path, name: str) -> None:
 
 
 def find_latest(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run folder's ``checkpoints/``, or ``None``."""
+    """The newest complete checkpoint of a run folder's ``checkpoints/``, or ``None``.
+
+    Checkpoint files are renamed into place whole, so the newest ``iter_*.pt`` is complete even
+    when a kill came between writing it and updating ``latest.json``; the pointer is used when no
+    ``iter_*.pt`` is newer than the file it names.
+    """
+    candidates = sorted(ckpt_dir.glob("iter_*.pt"))
+    newest = candidates[-1] if candidates else None
     pointer = ckpt_dir / LATEST
     if pointer.is_file():
         try:
             name = json.loads(pointer.read_text())["checkpoint"]
         except (ValueError, KeyError, TypeError):
             name = None
-        if name and (ckpt_dir / name).is_file():
+        if name and (ckpt_dir / name).is_file() and (newest is None or name >= newest.name):
             return ckpt_dir / name
-    candidates = sorted(ckpt_dir.glob("iter_*.pt"))
-    return candidates[-1] if candidates else None
+    return newest
 
 
 def checkpoint_name(iteration: int) -> str:

@@ -123,19 +123,20 @@ def main() -> int:
     proc, url = start_gnws(detect, segment, args.threads, args.image_scale)
     try:
         service = {c: drive(f"{url}/v1/detect", images, args.requests, c, {}) for c in levels}
+        det1 = service[1] if 1 in service else drive(f"{url}/v1/detect", images, max(2, args.requests // 2), 1, {})
         seg = drive(f"{url}/v1/segment", images, max(2, args.requests // 2), 1, {})
     finally:
         stop(proc)
     ts = None
     if not args.skip_torchserve:
         ts = torchserve_rows(detect, images, args.requests, max(levels), args.threads, args.image_scale)
-    # the gnws row at the TorchServe concurrency is measured again right after, so both ran on the
-    # same machine state
-    proc, url = start_gnws(detect, segment, args.threads, args.image_scale)
-    try:
-        gnws_again = drive(f"{url}/v1/detect", images, args.requests, max(levels), {})
-    finally:
-        stop(proc)
+        # gnws is measured at the TorchServe concurrency before and after TorchServe, and the
+        # ratio uses the mean of the two, so a drift of the machine's speed hits both servers alike
+        proc, url = start_gnws(detect, segment, args.threads, args.image_scale)
+        try:
+            gnws_after = drive(f"{url}/v1/detect", images, args.requests, max(levels), {})
+        finally:
+            stop(proc)
 
     scale = args.image_scale or "1333,800 (full)"
     print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
@@ -145,15 +146,18 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|")
     for c, r in service.items():
         print(f"| concurrency {c} | {r['rps']:.3f} | {r['p50'] * 1e3:.0f} | {r['p90'] * 1e3:.0f} | {r['failures']} |")
-    det1 = service[levels[0]]
     print(f"\n`/v1/segment` vs `/v1/detect` at concurrency 1: p50 {seg['p50'] * 1e3:.0f} ms vs "
           f"{det1['p50'] * 1e3:.0f} ms, **ratio {seg['p50'] / det1['p50']:.3f}** (mask head + pasting + RLE)")
     if ts is not None:
+        before = service[max(levels)]
         print(f"\n| server, concurrency {max(levels)} | requests/s | p50 ms | p90 ms | failures |")
         print("|---|---:|---:|---:|---:|")
-        for name, r in (("gnws (FastAPI/uvicorn)", gnws_again), ("TorchServe 0.12 (gnws handler)", ts)):
+        rows = (("gnws (FastAPI/uvicorn), before TorchServe", before), ("TorchServe 0.12 (gnws handler)", ts),
+                ("gnws (FastAPI/uvicorn), after TorchServe", gnws_after))
+        for name, r in rows:
             print(f"| {name} | {r['rps']:.3f} | {r['p50'] * 1e3:.0f} | {r['p90'] * 1e3:.0f} | {r['failures']} |")
-        print(f"\n**gnws / TorchServe throughput = {gnws_again['rps'] / ts['rps']:.3f}** (goal ≥ 1.2)")
+        gnws_rps = (before["rps"] + gnws_after["rps"]) / 2
+        print(f"\n**gnws (mean of before/after) / TorchServe throughput = {gnws_rps / ts['rps']:.3f}** (goal ≥ 1.2)")
     return 0
 
 

@@ -27,6 +27,8 @@ from .errors import ImageDecodeError, ImageTooLargeError
 MEAN_RGB = (123.675, 116.28, 103.53)
 STD_RGB = (58.395, 57.12, 57.375)
 DEFAULT_MAX_PIXELS = 40_000_000
+_MEAN_CHW = np.array(MEAN_RGB, dtype=np.float32).reshape(3, 1, 1)
+_STD_CHW = np.array(STD_RGB, dtype=np.float32).reshape(3, 1, 1)
 
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image, np.ndarray]  # noqa: UP007
 
@@ -133,15 +135,15 @@ def prepare_image(
     h, w = rgb_hwc.shape[:2]
     new_w, new_h = rescale_size(w, h, max_size, min_size)
     resized = cv2.resize(rgb_hwc, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    tensor = torch.from_numpy(resized).permute(2, 0, 1).float()
-    mean = torch.tensor(MEAN_RGB).view(3, 1, 1)
-    std = torch.tensor(STD_RGB).view(3, 1, 1)
-    tensor = (tensor - mean) / std
+    # float32 (x - mean) / std elementwise, as mmdetection's data preprocessor computes it; done in
+    # numpy so that preparing images on request threads never starts a torch/OpenMP thread team
+    # that would compete with the forward pass for the cores.
     pad_h, pad_w = padded_shape((new_h, new_w), size_divisor)
-    padded = tensor.new_zeros((3, pad_h, pad_w))
-    padded[:, :new_h, :new_w] = tensor
+    padded = np.zeros((3, pad_h, pad_w), dtype=np.float32)
+    chw = resized.transpose(2, 0, 1).astype(np.float32)
+    padded[:, :new_h, :new_w] = (chw - _MEAN_CHW) / _STD_CHW
     return PreparedImage(
-        image_chw=padded,
+        image_chw=torch.from_numpy(padded),
         ori_shape=(h, w),
         img_shape=(new_h, new_w),
         pad_shape=(pad_h, pad_w),

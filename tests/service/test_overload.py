@@ -53,5 +53,9 @@ def test_overload_refuses_with_retry_after_and_answers_every_accepted_request(bu
     assert metric_value(text, "gnws_queue_depth") == 0
     assert metric_value(text, "gnws_in_flight_requests") == 0
     assert metric_value(text, "gnws_rejected_requests_total") == len(refused)
-    five_xx = sum(metric_value(text, "gnws_http_requests_total", {"status": str(c)}) for c in range(500, 600))
-    assert five_xx == sum(1 for s in statuses if s >= 500)
+    # The server counted exactly what the clients saw on /v1/detect, so nothing else (no 500) happened
+    # there. (/readyz answered 503 while the model loaded: that is its job and is not compared.)
+    for code in set(statuses):
+        counted = metric_value(text, "gnws_http_requests_total", {"route": "/v1/detect", "status": str(code)})
+        assert counted == statuses.count(code), (code, counted, statuses)
+    assert metric_value(text, "gnws_http_requests_total", {"route": "/v1/detect"}) == CLIENTS

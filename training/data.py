@@ -86,6 +86,7 @@ def load_coco(ann_file: Path) -> COCO:
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
     if missing:
         raise DatasetError(f"{ann_file} is not a COCO instances file: missing {missing}")
+    _check_image_entries(ann_file, data["images"])
     coco = COCO()
     coco.dataset = data
     try:
@@ -95,6 +96,54 @@ def load_coco(ann_file: Path) -> COCO:
         raise DatasetError(
             f"{ann_file} has malformed entries (missing field {exc}); check it against the COCO format"
         ) from None
+    return coco
+
+
+IMAGE_FIELDS = ("id", "file_name", "width", "height")
+
+
+def _check_image_entries(ann_file: Path, images: object) -> None:
+    """Every ``images`` entry needs ``id``, ``file_name`` and positive integer ``width``/``height``."""
+    if not isinstance(images, list):
+        raise DatasetError(f"{ann_file}: 'images' must be a list of image entries, got {type(images).__name__}")
+    bad: list[str] = []
+    for i, info in enumerate(images):
+        if not isinstance(info, dict):
+            bad.append(f"entry {i} is not an object")
+            continue
+        absent = [k for k in IMAGE_FIELDS if k not in info]
+        if absent:
+            bad.append(f"{info.get('file_name', f'entry {i}')} lacks {', '.join(absent)}")
+        elif not all(
+            isinstance(info[k], int | float) and not isinstance(info[k], bool) and info[k] > 0
+            for k in ("width", "height")
+        ):
+            bad.append(f"{info['file_name']} has width/height {info['width']!r}x{info['height']!r}")
+    if bad:
+        raise DatasetError(
+            f"{ann_file}: {len(bad)} image entr{'y' if len(bad) == 1 else 'ies'} without a valid "
+            f"{'/'.join(IMAGE_FIELDS)} (e.g. {'; '.join(bad[:3])}); every image needs them in the COCO format"
+        )
+
+
+def load_eval_coco(ann_file: Path, image_dir: Path) -> COCO:
+    """An evaluation set checked up front: the JSON parses, it lists images, and every image file exists.
+
+    Training calls this before its first step, so broken validation data fails the run at once
+    rather than at the end of the first epoch.
+    """
+    coco = load_coco(ann_file)
+    infos = coco.dataset["images"]
+    if not infos:
+        raise DatasetError(f"{ann_file} lists no images; point --val-ann at a non-empty COCO annotation file")
+    if not image_dir.is_dir():
+        raise DatasetError(f"no image folder at {image_dir}; fix --data/--val-images")
+    missing = [i["file_name"] for i in infos if not (image_dir / i["file_name"]).is_file()]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} evaluation image file(s) listed in {ann_file} are missing under {image_dir}, e.g. "
+            f"{', '.join(missing[:3])}; fix --data/--val-images or the annotation file"
+        )
     return coco
 
 

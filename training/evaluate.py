@@ -26,8 +26,8 @@ from models.detector import GNWSDetector
 from models.errors import ImageDecodeError
 from models.preprocess import decode_image, prepare_image
 
-from .data import load_coco
-from .errors import DatasetError
+from .data import load_eval_coco
+from .errors import DatasetError, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,12 @@ def evaluate(
     device: torch.device,
     progress: bool = True,
 ) -> EvalResult | None:
-    """Evaluate ``detector`` on a COCO annotation file; returns the result on rank 0, ``None`` elsewhere."""
-    coco_gt = load_coco(ann_file)
+    """Evaluate ``detector`` on a COCO annotation file; returns the result on rank 0, ``None`` elsewhere.
+
+    Under DDP a failure on one rank (an unreadable image, an out-of-memory error) is shared with
+    all ranks before the results are gathered, so every rank raises instead of waiting forever.
+    """
+    coco_gt = load_eval_coco(ann_file, image_dir)
     cat_ids = set(coco_gt.getCatIds())
     model_ids = detector.cfg.category_ids
     if not set(model_ids) & cat_ids:
@@ -128,6 +132,7 @@ def evaluate(
     was_training = detector.training
     detector.eval()
     results: list[dict[str, Any]] = []
+    failure: Exception | None = None
     try:
         for image_id in tqdm(mine, desc="eval", unit="img", disable=not progress or rank != 0, leave=False):
             info = coco_gt.imgs[image_id]
@@ -140,17 +145,39 @@ def evaluate(
             batch = prepared.image_chw[None].to(device)
             (result,) = detector(batch, [prepared])
             results.extend(detections_to_coco(image_id, result, model_ids))
+    except Exception as exc:
+        if world == 1:
+            raise
+        failure = exc  # raised below, once every rank knows
     finally:
         detector.train(was_training)
-    if world > 1:
-        gathered: list[list[dict[str, Any]]] | None = [[] for _ in range(world)] if rank == 0 else None
-        dist.gather_object(results, gathered, dst=0)
-        if rank != 0:
-            return None
-        assert gathered is not None
-        results = [r for part in gathered for r in part]
-    iou_types = ("bbox", "segm") if detector.cfg.has_mask else ("bbox",)
-    return coco_eval(coco_gt, results, iou_types)
+    if world == 1:
+        return coco_eval(coco_gt, results, _iou_types(detector))
+    _raise_if_any_rank_failed(failure, rank, world)
+    if rank != 0:
+        dist.gather_object(results, None, dst=0)
+        return None
+    gathered: list[list[dict[str, Any]]] = [[] for _ in range(world)]
+    dist.gather_object(results, gathered, dst=0)
+    return coco_eval(coco_gt, [r for part in gathered for r in part], _iou_types(detector))
+
+
+def _iou_types(detector: GNWSDetector) -> tuple[str, ...]:
+    return ("bbox", "segm") if detector.cfg.has_mask else ("bbox",)
+
+
+def _raise_if_any_rank_failed(failure: Exception | None, rank: int, world: int) -> None:
+    """Collective: every rank learns whether any rank failed; the failed rank re-raises, the others report it."""
+    report = None if failure is None else (isinstance(failure, DatasetError), f"{type(failure).__name__}: {failure}")
+    reports: list[Any] = [None] * world
+    dist.all_gather_object(reports, report)
+    if failure is not None:
+        raise failure
+    failed = [(r, rep) for r, rep in enumerate(reports) if rep is not None]
+    if failed:
+        first_rank, (is_dataset, message) = failed[0]
+        error = DatasetError if is_dataset else TrainingError
+        raise error(f"evaluation failed on rank {first_rank} (of {world}): {message}")
 
 
 def format_table(result: EvalResult) -> str:

@@ -4,7 +4,10 @@ A checkpoint is ``torch.save`` of plain containers and tensors only (so it loads
 ``weights_only=True``): ``format``, ``model`` (detector state dict, WS unbaked), ``optimizer``,
 ``scheduler``, ``scaler``, ``position`` (``epoch``, ``batch`` within the epoch, ``iteration``),
 ``rng`` (per rank: torch, CUDA, numpy, python), ``config`` (the TrainConfig JSON), ``detector``
-(the DetectorConfig JSON), ``metrics`` and ``best``. Writes go to a temp file in the same folder,
+(the DetectorConfig JSON), ``best``, ``eval_due`` (an evaluation belongs to this point), ``lr``
+(the effective base learning rate) and ``train_images``. A resumed run whose checkpoint has
+``eval_due`` but no matching ``evaluated.json`` (killed between the save and the evaluation) runs
+that evaluation first. Writes go to a temp file in the same folder,
 are fsynced and renamed (:func:`models.files.atomic_writer`), so a killed run never leaves a
 half-written file where ``--resume`` would read it. ``checkpoints/latest.json`` names the newest.
 """
@@ -31,11 +34,14 @@ FORMAT = "gnws-train-1"
 LATEST = "latest.json"
 BEST = "best.pt"
 BEST_JSON = "best.json"
+EVAL_DONE = "evaluated.json"
 
 
 def capture_rng() -> dict[str, Any]:
     """The RNG states of this process, as weights-only-loadable values."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    if not isinstance(np_state, tuple):  # legacy=True always gives the tuple form; this narrows the type
+        raise TypeError(f"unexpected numpy RNG state of type {type(np_state).__name__}")
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -76,6 +82,72 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not is_training_checkpoint(obj):
         raise ResumeError(f"{path} is not a gnws training checkpoint (no format {FORMAT!r})")
     return obj
+
+
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "position", "rng", "world_size", "config", "detector")
+
+
+def check_resumable(
+    state: dict[str, Any], path: Path, *, config_json: str, world_size: int, overridable: tuple[str, ...]
+) -> None:
+    """Raise :class:`ResumeError` unless ``state`` can continue this run exactly.
+
+    It must hold the optimizer/scheduler/RNG state (``best.pt`` holds weights only), come from the
+    same settings (except ``overridable`` ones) and from the same number of processes: the sampler
+    position, every rank's RNG stream and the linear-scaled learning rate depend on the world size.
+    """
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        what = "best.pt is the best evaluated weights only" if path.name == BEST else "it holds no training state"
+        raise ResumeError(
+            f"{path} cannot be resumed: {what} (no {', '.join(missing)}); resume the run folder "
+            f"(--resume {path.parent.parent}) or one of its checkpoints/iter_*.pt"
+        )
+    if state["config"] != config_json:
+        saved, now = json.loads(state["config"]), json.loads(config_json)
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in overridable)
+        if changed:
+            raise ResumeError(
+                f"{path} was written with different settings ({', '.join(changed)}); resume with the run's config"
+            )
+    saved_world = int(state["world_size"])
+    if saved_world != world_size or len(state["rng"]) != saved_world:
+        raise ResumeError(
+            f"{path} was written by {saved_world} process(es) but this run has {world_size}; resume with the "
+            f"same number (torchrun --nproc-per-node/--nnodes giving WORLD_SIZE={saved_world}): the data order, "
+            "RNG streams and learning rate depend on it"
+        )
+
+
+def read_best(ckpt_dir: Path) -> dict[str, Any]:
+    """The ``best`` record stored inside ``best.pt`` (``{}`` when there is none).
+
+    ``best.pt`` itself is the truth: ``best.json`` is a copy written after it, which a kill between
+    the two writes can leave stale. Loaded memory-mapped, so the weights are not read.
+    """
+    path = ckpt_dir / BEST
+    if not path.is_file():
+        return {}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        logger.warning("%s is unreadable (%s): the next evaluation replaces it", path, exc)
+        return {}
+    best = obj.get("best") if isinstance(obj, dict) else None
+    return dict(best) if isinstance(best, dict) else {}
+
+
+def write_eval_done(ckpt_dir: Path, iteration: int) -> None:
+    """Record that the evaluation at ``iteration`` completed (metrics logged, ``best.pt`` updated)."""
+    atomic_write_bytes(ckpt_dir / EVAL_DONE, json.dumps({"iteration": iteration}).encode())
+
+
+def read_eval_done(ckpt_dir: Path) -> int:
+    """The iteration of the last completed evaluation, ``-1`` if none is recorded."""
+    try:
+        return int(json.loads((ckpt_dir / EVAL_DONE).read_text())["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
 
 
 def is_training_checkpoint(obj: object) -> bool:

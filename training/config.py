@@ -24,6 +24,7 @@ Amp = Literal["none", "bf16", "fp16"]
 
 BASE_LR = 0.02
 BASE_BATCH = 16
+RESOLVED = "resolved"  # config.json section with the world size and the effective lr of the run
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,12 +148,28 @@ class TrainConfig:
             return self.lr
         return BASE_LR * self.effective_batch(world_size) / BASE_BATCH
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+    def to_json(self, *, world_size: int | None = None) -> str:
+        """The config as JSON; with ``world_size``, plus a ``resolved`` section (what the run really used).
+
+        ``resolved`` holds ``world_size``, ``images_per_step`` and ``lr`` (the base learning rate after
+        the linear scaling rule). It is written to ``config.json`` for people and for export;
+        :meth:`from_json` ignores it, and checkpoints compare the plain config.
+        """
+        data: dict[str, Any] = dataclasses.asdict(self)
+        if world_size is not None:
+            data[RESOLVED] = {
+                "world_size": world_size,
+                "images_per_step": self.effective_batch(world_size),
+                "lr": self.scaled_lr(world_size),
+            }
+        return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         data: dict[str, Any] = json.loads(text)
+        if not isinstance(data, dict):
+            raise TrainConfigError(f"a training config is a JSON object, got {type(data).__name__}")
+        data.pop(RESOLVED, None)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -170,6 +187,16 @@ class TrainConfig:
             raise TrainConfigError(f"no training config at {path}; is this a gnws training run folder?") from None
         except (ValueError, TypeError) as exc:
             raise TrainConfigError(f"{path} is not a valid training config: {exc}") from None
+
+
+def read_resolved(path: str | Path) -> dict[str, Any]:
+    """The ``resolved`` section of a run's ``config.json`` (``{}`` for runs written before it existed)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    resolved = data.get(RESOLVED) if isinstance(data, dict) else None
+    return dict(resolved) if isinstance(resolved, dict) else {}
 
 
 class WarmupMultiStepLR:

@@ -23,7 +23,7 @@ from models.errors import CheckpointError
 from models.store import model_store
 
 from .checkpoint import BEST, find_latest, load_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, read_resolved
 from .errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,22 @@ def detector_from_checkpoint(state: dict[str, Any]) -> GNWSDetector:
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"training checkpoint does not hold a loadable detector: {exc}") from None
     return model.eval()
+
+
+def _effective_world_size_and_lr(
+    state: dict[str, Any], run_dir: Path, cfg: TrainConfig
+) -> tuple[int | None, float | None]:
+    """The run's process count and base learning rate (after linear scaling when ``--lr`` was not given).
+
+    From the checkpoint (``world_size``, ``lr``, the scheduler's ``base_lr``), else from the
+    ``resolved`` section of ``config.json``; ``None`` only for runs that recorded neither.
+    """
+    resolved = read_resolved(run_dir / "config.json")
+    world_size = state.get("world_size", resolved.get("world_size"))
+    lr = state.get("lr", (state.get("scheduler") or {}).get("base_lr", resolved.get("lr")))
+    if lr is None and world_size is not None:
+        lr = cfg.scaled_lr(int(world_size))
+    return (int(world_size) if world_size is not None else None), (float(lr) if lr is not None else None)
 
 
 def pick_checkpoint(run_dir: Path) -> Path:
@@ -77,9 +93,10 @@ def export_run(
     best = state.get("best") or {}
     position = state.get("position") or {}
     schedule = cfg.schedule_spec
+    world_size, lr = _effective_world_size_and_lr(state, run_dir, cfg)
     provenance = {
         "source": "gnws-train",
-        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "run_dir": str(run_dir.resolve()),
         "checkpoint": ckpt_path.name,
         "iteration": position.get("iteration"),
@@ -93,7 +110,9 @@ def export_run(
         "schedule": {
             "name": schedule.name, "epochs": schedule.epochs, "milestones": list(schedule.milestones),
             "max_iters": cfg.max_iters, "images_per_gpu": cfg.images_per_gpu, "accumulate": cfg.accumulate,
-            "lr": cfg.lr, "warmup_iters": cfg.warmup_iters, "image_scale": list(cfg.image_scale), "amp": cfg.amp,
+            "lr": lr, "lr_option": cfg.lr, "world_size": world_size,
+            "images_per_step": cfg.effective_batch(world_size) if world_size else None,
+            "warmup_iters": cfg.warmup_iters, "image_scale": list(cfg.image_scale), "amp": cfg.amp,
         },
         "metrics": best.get("metrics") if best.get("iteration") == position.get("iteration") else None,
     }  # fmt: skip

@@ -49,7 +49,9 @@ JHU_BACKBONES: dict[tuple[int, int, int], str] = {
 }
 
 
-def _kaiming(conv: nn.Module) -> None:
+def _kaiming(conv: nn.Module | torch.Tensor) -> None:
+    if not isinstance(conv, nn.Module):  # submodule attributes are typed Tensor | Module
+        raise TypeError(f"expected a conv module, got a {type(conv).__name__}")
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # type: ignore[arg-type]
     if getattr(conv, "bias", None) is not None:
         nn.init.zeros_(conv.bias)  # type: ignore[arg-type]

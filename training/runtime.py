@@ -7,12 +7,14 @@ line, appended) and TensorBoard (``tb/``), from rank 0 only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from models.files import atomic_write_bytes
 from models.predictor import resolve_device
+
+from .errors import TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +69,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def broadcast_from_main(ctx: DistContext, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (``value`` itself in a one-process run)."""
+    if not ctx.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_replica_states(ctx: DistContext, rng: Any, digest: str, iteration: int) -> tuple[list[Any], list[str]]:
+    """Every rank's RNG state and weight digest; raises on *every* rank when the replicas differ.
+
+    The check runs on all ranks (they all receive every digest), so a divergence stops the whole
+    job instead of rank 0 alone while the others wait in the next collective.
+    """
+    rngs, digests = [rng], [digest]
+    if ctx.distributed:
+        gathered: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(gathered, (rng, digest))
+        rngs, digests = [g[0] for g in gathered], [g[1] for g in gathered]
+    if len(set(digests)) != 1:
+        raise TrainingError(
+            f"DDP replicas diverged at iteration {iteration}: weight digests per rank {digests}; "
+            "this is a bug or a broken device, resume from the last checkpoint"
+        )
+    return rngs, digests
+
+
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 over a state dict's names and float32 values, to check that DDP replicas agree."""
     h = hashlib.sha256()
@@ -76,10 +109,22 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
 class MetricsLog:
     """Rank-0 sink: ``metrics.jsonl`` (appended, one JSON object per line) and TensorBoard."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
+    def __init__(
+        self, run_dir: Path, enabled: bool, tensorboard: bool, *, resume_iteration: int | None = None,
+        redo_eval: bool = False,
+    ) -> None:  # fmt: skip
+        """Open the sink; on resume, first drop what the interrupted run logged past the checkpoint.
+
+        Args:
+            resume_iteration: the checkpoint's iteration when resuming: records of later iterations
+                (logged after it, then lost with the kill) are removed, as are TensorBoard events.
+            redo_eval: the evaluation at ``resume_iteration`` will be run again, so its record goes too.
+        """
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.writer: Any = None
+        if enabled and resume_iteration is not None:
+            self.rewind(resume_iteration, redo_eval=redo_eval)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -88,7 +133,35 @@ class MetricsLog:
                     "tensorboard is not installed (pip install 'gnws[train]'); logging to metrics.jsonl only"
                 )
             else:
-                self.writer = SummaryWriter(str(run_dir / "tb"))
+                purge = None if resume_iteration is None else resume_iteration + 1
+                self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+
+    def rewind(self, iteration: int, *, redo_eval: bool = False) -> int:
+        """Keep only records up to ``iteration`` (without its ``val`` record if ``redo_eval``); returns how many went.
+
+        The file is rewritten atomically; a torn last line (a kill during an append) is dropped too.
+        """
+        if not self.path.is_file():
+            return 0
+        kept: list[str] = []
+        dropped = 0
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                step = int(record["iter"])
+            except (ValueError, KeyError, TypeError):
+                dropped += bool(line.strip())
+                continue
+            if step > iteration or (redo_eval and step == iteration and record.get("type") == "val"):
+                dropped += 1
+                continue
+            kept.append(line)
+        if dropped:
+            atomic_write_bytes(self.path, "".join(f"{line}\n" for line in kept).encode())
+            logger.info(
+                "metrics.jsonl: dropped %d record(s) logged after the checkpoint of iteration %d", dropped, iteration
+            )
+        return dropped
 
     def write(self, record: dict[str, Any], step: int, prefix: str) -> None:
         if not self.enabled:
@@ -104,3 +177,76 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class Throughput:
+    """Training speed in images/s over all processes (checkpoints and evaluation excluded) and peak GPU memory.
+
+    Timed on rank 0 between optimizer steps; each step ends in a host sync (the loss reduction),
+    so the wall-clock intervals cover the GPU work. Peak memory is ``torch.cuda.max_memory_allocated``
+    of this process's device.
+    """
+
+    def __init__(self, ctx: DistContext, images_per_step: int) -> None:
+        self.device = ctx.device
+        self.images_per_step = images_per_step
+        self.steps = 0
+        self.seconds = 0.0
+        self._window_steps = 0
+        self._window_seconds = 0.0
+        self._since = time.perf_counter()
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def _lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self._since = now - self._since, now
+        return elapsed
+
+    def step(self) -> None:
+        elapsed = self._lap()
+        self.steps += 1
+        self.seconds += elapsed
+        self._window_steps += 1
+        self._window_seconds += elapsed
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the enclosed work (checkpointing, evaluation) out of the timing."""
+        try:
+            yield
+        finally:
+            self._since = time.perf_counter()
+
+    def peak_memory_mib(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**20
+
+    def images_per_s(self) -> float:
+        return self.steps * self.images_per_step / self.seconds if self.seconds > 0 else 0.0
+
+    def window(self) -> dict[str, float]:
+        """``images_per_s`` since the previous call (and ``max_mem_mib`` on GPU), for a metrics record."""
+        out = {}
+        if self._window_seconds > 0:
+            out["images_per_s"] = round(self._window_steps * self.images_per_step / self._window_seconds, 3)
+        peak = self.peak_memory_mib()
+        if peak is not None:
+            out["max_mem_mib"] = round(peak, 1)
+        self._window_steps, self._window_seconds = 0, 0.0
+        return out
+
+    def postfix(self) -> dict[str, str]:
+        """Short progress-bar fields."""
+        out = {"img/s": f"{self.images_per_s():.1f}"}
+        peak = self.peak_memory_mib()
+        if peak is not None:
+            out["mem"] = f"{peak / 1024:.1f}G"
+        return out
+
+    def summary(self) -> str:
+        peak = self.peak_memory_mib()
+        memory = f"peak GPU memory {peak:.0f} MiB (rank 0)" if peak is not None else f"on {self.device.type}"
+        return f"{self.images_per_s():.2f} images/s over {self.seconds:.1f} s of training steps, {memory}"

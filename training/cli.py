@@ -25,6 +25,7 @@ from .config import SCHEDULES, TrainConfig
 from .data import DataPaths
 from .errors import ResumeError, TrainConfigError
 from .export import detector_from_checkpoint, export_run
+from .runtime import DistContext, broadcast_from_main, setup_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         run_dir, ckpt = _resume_target(args.resume)
         cfg = TrainConfig.read(run_dir / "config.json")
-        overrides = {"max_iters": args.max_iters, "device": args.device, "workers": args.workers}
+        # the run continues in the folder given, even if it was moved since it started
+        overrides = {
+            "max_iters": args.max_iters,
+            "device": args.device,
+            "workers": args.workers,
+            "work_dir": str(run_dir),
+        }
         cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
         run_training(cfg, resume_from=ckpt)
         return 0
@@ -125,6 +132,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from models.zoo import get_entry
 
     entry = get_entry(args.model)
+    if args.data is None and (args.val_ann is None) != (args.val_images is None):
+        given, needed = ("--val-ann", "--val-images") if args.val_images is None else ("--val-images", "--val-ann")
+        raise TrainConfigError(
+            f"{given} needs {needed} too (the annotation file and the folder its file_name entries are in), "
+            "or give --data ROOT"
+        )
     paths = DataPaths.from_root(
         args.data,
         train_ann=args.train_ann,
@@ -132,11 +145,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_ann=args.val_ann,
         val_images=args.val_images,
     )
-    has_val = paths.val_ann is not None and paths.val_ann.is_file()
-    if paths.val_ann is not None and not has_val:
+    has_val = paths.val_ann is not None and paths.val_images is not None
+    if has_val and args.val_ann is None and paths.val_ann is not None and not paths.val_ann.is_file():
         logger.warning("no validation annotations at %s: training without evaluation", paths.val_ann)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    work_dir = args.work_dir or Path("runs") / f"{args.model}-{stamp}"
+        has_val = False  # an explicit --val-ann must exist: the Trainer checks it before the first step
+    work_dir = args.work_dir or default_work_dir(args.model, setup_distributed(args.device or "auto"))
     if find_latest(work_dir / "checkpoints") is not None:
         raise TrainConfigError(
             f"{work_dir} already holds a run; continue it with --resume {work_dir} or pick another --work-dir"
@@ -157,6 +170,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     run_training(cfg)
     return 0
+
+
+def default_work_dir(model: str, ctx: DistContext, now: dt.datetime | None = None) -> Path:
+    """``runs/<model>-<time>`` with rank 0's time on every rank of a torchrun job: one run folder, not one per rank."""
+    stamp = (now or dt.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{model}-{broadcast_from_main(ctx, stamp)}"
 
 
 def load_for_eval(checkpoint: Path, model: str | None) -> GNWSDetector:
@@ -181,7 +200,6 @@ def load_for_eval(checkpoint: Path, model: str | None) -> GNWSDetector:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .engine import setup_distributed
     from .evaluate import evaluate, format_table
 
     paths = DataPaths.from_root(

@@ -4,7 +4,11 @@ One optimizer step ("iteration") consumes ``accumulate`` batches of ``images_per
 every process; gradients are synchronised only on the last of them (``no_sync``). The learning
 rate is set before every step by :class:`~training.config.WarmupMultiStepLR`. Checkpoints are
 written by rank 0 after the step (every ``checkpoint_interval`` steps, at each epoch end and at
-the end), with every rank's RNG state, so ``--resume`` continues exactly where the run stopped.
+the end), with every rank's RNG state, so ``--resume`` continues exactly where the run stopped
+(with the same number of processes; the architecture comes from the checkpoint, the initial
+weights are not read again). A checkpoint records whether an evaluation belongs to its point
+(``eval_due``) and ``checkpoints/evaluated.json`` when one completed, so a run killed between the
+save and the evaluation evaluates first when resumed. Rank 0 logs images/s and peak GPU memory.
 Launch with ``torchrun --nproc-per-node N -m training train ...`` (multi-node: torchrun's
 ``--nnodes/--rdzv-*`` options); a plain ``gnws train`` runs one process.
 """
@@ -23,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.config import config_to_json
+from models.config import config_from_json, config_to_json
+from models.detector import GNWSDetector, build_detector
 from models.files import atomic_write_bytes
 from models.zoo import get_entry
 
@@ -31,20 +36,33 @@ from .checkpoint import (
     BEST,
     BEST_JSON,
     capture_rng,
+    check_resumable,
     checkpoint_name,
     load_checkpoint,
     prune,
+    read_best,
+    read_eval_done,
     restore_rng,
     save_checkpoint,
+    write_eval_done,
     write_latest,
 )
 from .config import TrainConfig, WarmupMultiStepLR
-from .data import CocoDetection, collate
-from .errors import ResumeError, TrainingError
+from .data import CocoDetection, collate, load_eval_coco
+from .errors import DatasetError, ResumeError, TrainingError
 from .evaluate import evaluate
 from .init import build_initial_model, freeze_stages, set_image_scale
 from .losses import TrainingModel, total_loss
-from .runtime import DistContext, MetricsLog, seed_everything, setup_distributed, state_digest
+from .runtime import (
+    DistContext,
+    MetricsLog,
+    Throughput,
+    broadcast_from_main,
+    gather_replica_states,
+    seed_everything,
+    setup_distributed,
+    state_digest,
+)
 from .sampler import GroupedBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -59,14 +77,25 @@ class Trainer:
         self.run_dir = Path(cfg.work_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         seed_everything(cfg.seed)
+        # all data is checked before anything is written or built: a broken val set fails now, not after epoch 1
         self.train_set = CocoDetection(
             Path(cfg.train_ann), Path(cfg.train_images), image_scale=cfg.image_scale, flip_prob=cfg.flip_prob,
             with_masks=get_arch_has_mask(cfg.model), min_size=cfg.min_image_size, seed=cfg.seed,
         )  # fmt: skip
-        detector = build_initial_model(
-            cfg.model, cfg.init, self.train_set.categories,
-            init_checkpoint=Path(cfg.init_checkpoint) if cfg.init_checkpoint else None,
-        )  # fmt: skip
+        self.eval_enabled = bool(cfg.eval_interval and cfg.val_ann and cfg.val_images)
+        if self.eval_enabled:
+            check_val_data(Path(cfg.val_ann or ""), Path(cfg.val_images or ""), self.train_set.categories.ids)
+        state = load_checkpoint(resume_from) if resume_from is not None else None
+        if state is not None and resume_from is not None:
+            check_resumable(
+                state, resume_from, config_json=cfg.to_json(), world_size=ctx.world_size,
+                overridable=RESUMABLE_OVERRIDES,
+            )  # fmt: skip
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config_text = cfg.to_json(world_size=ctx.world_size) + "\n"  # with the effective lr and world size
+            atomic_write_bytes(self.run_dir / "config.json", config_text.encode())
+        detector = self._build_detector(state, resume_from)
         set_image_scale(detector, cfg.image_scale)
         frozen = freeze_stages(detector, cfg.frozen_stages)
         logger.info("frozen_stages=%d: %d parameter tensors frozen", cfg.frozen_stages, len(frozen))
@@ -94,10 +123,34 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.iteration = 0, 0, 0
         self.best: dict[str, Any] = {}
         self.last_eval_iter = -1
+        self.eval_pending = False  # the resumed checkpoint's evaluation never completed
+        self.meter = Throughput(ctx, cfg.images_per_gpu * cfg.accumulate * ctx.world_size)
         seed_everything(cfg.seed + ctx.rank)  # ranks sample differently; the model is identical (DDP broadcast)
-        if resume_from is not None:
-            self._restore(resume_from)
-        self.log = MetricsLog(self.run_dir, ctx.is_main, cfg.tensorboard)
+        if state is not None and resume_from is not None:
+            self._restore(state, resume_from)
+        self.log = MetricsLog(
+            self.run_dir, ctx.is_main, cfg.tensorboard,
+            resume_iteration=self.iteration if state is not None else None, redo_eval=self.eval_pending,
+        )  # fmt: skip
+
+    def _build_detector(self, state: dict[str, Any] | None, path: Path | None) -> GNWSDetector:
+        """The initial weights for a new run; for a resumed one only the architecture (its weights follow)."""
+        cfg = self.cfg
+        if state is None:
+            return build_initial_model(
+                cfg.model, cfg.init, self.train_set.categories,
+                init_checkpoint=Path(cfg.init_checkpoint) if cfg.init_checkpoint else None,
+            )  # fmt: skip
+        try:
+            detector_cfg = config_from_json(state["detector"])
+        except (ValueError, TypeError) as exc:
+            raise ResumeError(f"{path} holds no valid detector config ({exc})") from None
+        if tuple(detector_cfg.category_ids) != self.train_set.categories.ids:
+            raise ResumeError(
+                f"{path} was trained on categories {list(detector_cfg.category_ids)[:8]}... but "
+                f"{cfg.train_ann} now lists {list(self.train_set.categories.ids)[:8]}...; resume with the run's data"
+            )
+        return build_detector(detector_cfg)
 
     # ---- schedule bookkeeping -------------------------------------------------------------
     @property
@@ -131,6 +184,12 @@ class Trainer:
         bar = tqdm(total=self.total_iters, initial=self.iteration, desc="train", unit="it", disable=not ctx.is_main)
         window: list[dict[str, float]] = []
         try:
+            if self.eval_pending:
+                if ctx.is_main:
+                    logger.info("evaluation at iteration %d did not complete before the run stopped: running it now",
+                                self.iteration)  # fmt: skip
+                self._evaluate()
+            self.meter.start()
             while not self._done():
                 self.train_set.set_epoch(self.epoch)
                 self.sampler.set_position(self.epoch, self.batch_in_epoch)
@@ -145,29 +204,36 @@ class Trainer:
                     if not self._at_step_boundary():
                         continue
                     self._step()
+                    self.meter.step()
                     window.append(self._reduce(step_losses))
                     step_losses = []
                     bar.update(1)
                     if ctx.is_main:
-                        bar.set_postfix(loss=f"{window[-1]['loss']:.4f}")
+                        bar.set_postfix(loss=f"{window[-1]['loss']:.4f}", **self.meter.postfix())
                     if self.iteration % cfg.log_interval == 0 or self.iteration == 1:
                         self._log_train(window)
                         window = []
                     epoch_end = self.batch_in_epoch == self.sampler.batches_per_epoch()
                     if epoch_end:
                         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    eval_due = self.eval_enabled and (
+                        (epoch_end and self.epoch % cfg.eval_interval == 0) or self._done()
+                    )
                     interval_due = cfg.checkpoint_interval and self.iteration % cfg.checkpoint_interval == 0
-                    if epoch_end or interval_due or self._done():
-                        self._save()
-                    if epoch_end and cfg.eval_interval and self.epoch % cfg.eval_interval == 0:
-                        self._evaluate()
+                    with self.meter.paused():  # throughput counts training only
+                        if epoch_end or interval_due or self._done():
+                            self._save(eval_due=eval_due)  # eval_due: a resume re-runs an eval a kill cut short
+                        if eval_due:
+                            self._evaluate()
                     if self._done():
                         break
-            if cfg.eval_interval and self.last_eval_iter != self.iteration:
-                self._evaluate()  # a run stopped by max_iters mid-epoch is still evaluated
+            if self.eval_enabled and self.last_eval_iter != self.iteration:
+                self._evaluate()  # a resumed run that was already complete but not evaluated
         finally:
             bar.close()
             self.log.close()
+        if ctx.is_main and self.meter.steps:
+            logger.info("trained %d iterations: %s", self.meter.steps, self.meter.summary())
         return {"iteration": self.iteration, "epoch": self.epoch, "best": self.best}
 
     def _at_step_boundary(self) -> bool:
@@ -229,31 +295,27 @@ class Trainer:
             "epoch": self.epoch + 1,
             "lr": self.optimizer.param_groups[0]["lr"],
             **means,
+            **self.meter.window(),
         }
         self.log.write(record, self.iteration, "train")
         if self.ctx.is_main:
             logger.debug("iter %d: %s", self.iteration, record)
 
     # ---- checkpoints, eval ---------------------------------------------------------------
-    def _save(self) -> None:
+    def _save(self, *, eval_due: bool) -> None:
         ctx = self.ctx
-        rng = capture_rng()
-        digest = state_digest(self.detector.state_dict())
-        rngs, digests = [rng], [digest]
-        if ctx.distributed:
-            gathered: list[Any] = [None] * ctx.world_size
-            dist.all_gather_object(gathered, (rng, digest))
-            rngs, digests = [g[0] for g in gathered], [g[1] for g in gathered]
+        rngs, digests = gather_replica_states(
+            ctx, capture_rng(), state_digest(self.detector.state_dict()), self.iteration
+        )  # raises on every rank if the replicas differ, so none is left waiting
         if not ctx.is_main:
             return
-        if len(set(digests)) != 1:
-            raise TrainingError(f"DDP replicas diverged at iteration {self.iteration}: weight digests {digests}")
         state = {
             "model": self.detector.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "position": {"epoch": self.epoch, "batch": self.batch_in_epoch, "iteration": self.iteration},
             "rng": rngs, "world_size": ctx.world_size, "config": self.cfg.to_json(),
-            "detector": config_to_json(self.detector.cfg), "best": dict(self.best),
+            "detector": config_to_json(self.detector.cfg), "best": dict(self.best), "eval_due": eval_due,
+            "lr": self.cfg.scaled_lr(ctx.world_size), "train_images": len(self.train_set),
         }  # fmt: skip
         name = checkpoint_name(self.iteration)
         save_checkpoint(self.ckpt_dir / name, state)
@@ -273,40 +335,29 @@ class Trainer:
         )
         logger.info("saved %s (iteration %d, epoch %d)", name, self.iteration, self.epoch)
 
-    def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        if state["config"] != self.cfg.to_json():
-            saved = json.loads(state["config"])
-            changed = sorted(
-                k
-                for k, v in json.loads(self.cfg.to_json()).items()
-                if saved.get(k) != v and k not in RESUMABLE_OVERRIDES
+    def _restore(self, state: dict[str, Any], path: Path) -> None:
+        """Continue from ``state`` (already checked by :func:`check_resumable`)."""
+        pos = state["position"]
+        epoch, batch, iteration = int(pos["epoch"]), int(pos["batch"]), int(pos["iteration"])
+        saved_images = state.get("train_images")
+        if (saved_images is not None and saved_images != len(self.train_set)) or not (
+            0 <= batch <= self.sampler.batches_per_epoch()
+        ):
+            raise ResumeError(
+                f"{path} was written for {saved_images} usable training images, {self.cfg.train_ann} now has "
+                f"{len(self.train_set)}: the data changed since the checkpoint; resume with the run's data"
             )
-            if changed:
-                raise ResumeError(
-                    f"{path} was written with different settings ({', '.join(changed)}); resume with the run's config"
-                )
         self.detector.load_state_dict(state["model"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        pos = state["position"]
-        self.epoch, self.batch_in_epoch, self.iteration = int(pos["epoch"]), int(pos["batch"]), int(pos["iteration"])
-        self.best = dict(state.get("best") or {})
-        best_json = self.ckpt_dir / BEST_JSON
-        if best_json.is_file():  # best.pt may be newer than the checkpoint (eval runs after the epoch's save)
-            self.best = json.loads(best_json.read_text())
-        rngs = state["rng"]
-        if len(rngs) == self.ctx.world_size:
-            restore_rng(rngs[self.ctx.rank])
-        else:
-            logger.warning(
-                "checkpoint was written by %d processes, this run has %d: RNG streams are re-seeded, so "
-                "sampling will not match the original run exactly",
-                len(rngs),
-                self.ctx.world_size,
-            )
-            seed_everything(self.cfg.seed + self.ctx.rank + self.iteration)
+        self.epoch, self.batch_in_epoch, self.iteration = epoch, batch, iteration
+        restore_rng(state["rng"][self.ctx.rank])
+        if self.ctx.is_main:
+            self.best = read_best(self.ckpt_dir)  # what best.pt holds, whatever a kill did to best.json
+        # rank 0 decides, so every rank runs the same (collective) evaluations
+        self.last_eval_iter = int(broadcast_from_main(self.ctx, read_eval_done(self.ckpt_dir)))
+        self.eval_pending = self.eval_enabled and bool(state.get("eval_due")) and self.last_eval_iter < iteration
         if self.ctx.is_main:
             logger.info(
                 "resumed from %s at iteration %d (epoch %d, batch %d)",
@@ -344,13 +395,18 @@ class Trainer:
                 "detector": config_to_json(self.detector.cfg),
                 "best": self.best,
                 "position": {"epoch": self.epoch, "batch": self.batch_in_epoch, "iteration": self.iteration},
+                "world_size": self.ctx.world_size,
+                "lr": cfg.scaled_lr(self.ctx.world_size),
             }
             save_checkpoint(self.ckpt_dir / BEST, state)
             atomic_write_bytes(self.ckpt_dir / BEST_JSON, json.dumps(self.best).encode())
             logger.info("new best %s %.4f at iteration %d", key, result.metrics[key], self.iteration)
+        write_eval_done(self.ckpt_dir, self.iteration)  # last: a kill before this re-runs the evaluation on resume
 
 
-RESUMABLE_OVERRIDES = ("max_iters", "workers", "device", "log_interval", "tensorboard", "keep_checkpoints")
+RESUMABLE_OVERRIDES = (
+    "max_iters", "workers", "device", "log_interval", "tensorboard", "keep_checkpoints", "work_dir",
+)  # fmt: skip
 
 
 def get_arch_has_mask(model_key: str) -> bool:
@@ -361,12 +417,17 @@ def run_training(cfg: TrainConfig, *, resume_from: Path | None = None) -> dict[s
     """Train (or resume) ``cfg`` in this process, joining a torchrun job when launched by one."""
     ctx = setup_distributed(cfg.device)
     try:
-        run_dir = Path(cfg.work_dir)
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(run_dir / "config.json", (cfg.to_json() + "\n").encode())
-        trainer = Trainer(cfg, ctx, resume_from=resume_from)
+        trainer = Trainer(cfg, ctx, resume_from=resume_from)  # checks the data, then writes config.json
         return trainer.train()
     finally:
         if ctx.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def check_val_data(ann_file: Path, image_dir: Path, train_category_ids: tuple[int, ...]) -> None:
+    """The validation set loads, its images exist, and it shares categories with the training set."""
+    coco = load_eval_coco(ann_file, image_dir)
+    if not set(coco.getCatIds()) & set(train_category_ids):
+        raise DatasetError(
+            f"{ann_file} shares no category id with the training annotations; evaluation would score nothing"
+        )

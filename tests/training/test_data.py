@@ -119,3 +119,42 @@ def test_zero_usable_images_is_reported(tmp_path: Path, capsys: pytest.CaptureFi
 def test_missing_annotation_file_raises_dataset_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="no annotation file"):
         CocoDetection(tmp_path / "nope.json", tmp_path)
+
+
+def test_broken_val_json_is_reported_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def truncate(r: Path) -> None:
+        ann = r / "annotations" / "instances_val2017.json"
+        ann.write_text(ann.read_text()[:500])
+
+    err = _train(_broken_copy(tmp_path, truncate), tmp_path, capsys)
+    assert "instances_val2017.json is not valid JSON" in err
+    assert not (tmp_path / "run").exists()  # not even config.json: nothing was started
+
+
+def test_missing_val_image_is_reported_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _broken_copy(tmp_path, lambda r: (r / "val2017" / "000000404484.jpg").unlink())
+    err = _train(root, tmp_path, capsys)
+    assert "1 evaluation image file(s) listed" in err
+    assert "000000404484.jpg" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_val_ann_without_val_images_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = gnws_main([
+        "train", "--model", FASTER_R50, "--train-ann", str(TRAIN_ANN), "--train-images", str(COCO / "train2017"),
+        "--val-ann", str(COCO / "annotations" / "instances_val2017.json"), "--work-dir", str(tmp_path / "run"),
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "--val-ann needs --val-images too" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_image_entry_without_size_is_a_dataset_error(tmp_path: Path) -> None:
+    data = json.loads(TRAIN_ANN.read_text())
+    del data["images"][1]["height"]
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=rf"1 image entry without a valid id/file_name/width/height .*"
+                                           rf"{data['images'][1]['file_name']} lacks height"):  # fmt: skip
+        CocoDetection(ann, COCO / "train2017")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -29,6 +28,9 @@ STD_RGB = (58.395, 57.12, 57.375)
 DEFAULT_MAX_PIXELS = 40_000_000
 _MEAN_CHW = np.array(MEAN_RGB, dtype=np.float32).reshape(3, 1, 1)
 _STD_CHW = np.array(STD_RGB, dtype=np.float32).reshape(3, 1, 1)
+
+# Raster formats a user may send; the rest of PIL's plug-ins (EPS runs Ghostscript, ...) stay closed.
+DECODABLE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")
 
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image, np.ndarray]  # noqa: UP007
 
@@ -80,13 +82,13 @@ def decode_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXE
         if not source.is_file():
             raise ImageDecodeError(f"no image file at {label}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as pil:
-                _check_pixels(pil.width, pil.height, max_pixels)
-                pil.load()
-                return _pil_to_rgb(pil)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # The pixel limit is checked from the header before any pixel is decoded; PIL's own bomb
+        # check (a warning above Image.MAX_IMAGE_PIXELS, an error above twice that) stays as it is.
+        with Image.open(source, formats=DECODABLE_FORMATS) as pil:
+            _check_pixels(pil.width, pil.height, max_pixels)
+            pil.load()
+            return _pil_to_rgb(pil)
+    except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"image has too many pixels to decode safely: {exc}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(
@@ -134,6 +136,11 @@ def prepare_image(
     """Resize (uint8, cv2 INTER_LINEAR), normalise and pad one decoded RGB image."""
     h, w = rgb_hwc.shape[:2]
     new_w, new_h = rescale_size(w, h, max_size, min_size)
+    if new_w < 1 or new_h < 1:
+        raise ImageDecodeError(
+            f"image is {w}x{h} pixels: too thin to resize to the model's {max_size}x{min_size} scale "
+            f"(it would become {new_w}x{new_h}); send an image with a less extreme aspect ratio"
+        )
     resized = cv2.resize(rgb_hwc, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
     # float32 (x - mean) / std elementwise, as mmdetection's data preprocessor computes it; done in
     # numpy so that preparing images on request threads never starts a torch/OpenMP thread team

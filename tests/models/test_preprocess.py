@@ -79,6 +79,17 @@ def test_bad_inputs_raise_clear_errors() -> None:
         decode_image("/nonexistent/image.jpg")
 
 
+def test_degenerate_aspect_ratio_and_closed_formats_are_decode_errors() -> None:
+    """A 3000x1 image would resize to 1333x0 (cv2 would raise); PIL formats beyond rasters are closed."""
+    for size in ((3000, 1), (1, 3000)):
+        rgb = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+        with pytest.raises(ImageDecodeError, match="too thin"):
+            prepare_image(rgb)
+    assert prepare_image(np.zeros((1, 1, 3), dtype=np.uint8)).img_shape == (800, 800)
+    with pytest.raises(ImageDecodeError, match="not a recognised image"):
+        decode_image(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")
+
+
 def test_pixel_bomb_is_refused_before_decoding() -> None:
     buf = io.BytesIO()
     Image.new("L", (12_000, 12_000)).save(buf, format="PNG")  # compresses to a few KB

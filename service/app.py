@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
+import cv2
 import torch
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -23,7 +25,7 @@ from fastapi.responses import JSONResponse
 from models import GnwsError, Predictor
 
 from .deps import ServiceState
-from .errors import RETRYABLE_STATUSES, status_for
+from .errors import ServiceError, is_retryable, status_for
 from .inference import InferencePipeline
 from .metrics import HTTPMetricsMiddleware, Metrics
 from .registry import ModelRegistry
@@ -69,6 +71,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _set_threads(settings.torch_threads)
+        # Images are decoded and resized on CPU_WORKERS threads already; OpenCV's own thread pool
+        # on top would only compete with the forward pass for the cores (results are unchanged).
+        cv2.setNumThreads(1)
         resolved = registry.preflight()  # raises at once: missing weights, bad files, unknown names
         loading = asyncio.create_task(registry.load_all(resolved), name="gnws-load-models")
         loading.add_done_callback(_log_load_failure)
@@ -95,6 +100,7 @@ def create_app(
     app.include_router(health.router)
     app.include_router(web.router)
     app.add_exception_handler(GnwsError, _domain_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected_error_handler)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"])
@@ -113,8 +119,8 @@ async def _domain_error_handler(request: Request, exc: GnwsError) -> JSONRespons
     message = str(exc.args[0]) if exc.args else type(exc).__name__
     headers: dict[str, str] = {}
     state: ServiceState = request.app.state.gnws
-    if status in RETRYABLE_STATUSES:
-        headers["Retry-After"] = str(state.settings.retry_after_s)
+    if is_retryable(exc):
+        headers["Retry-After"] = str(retry_after(exc, state.settings.retry_after_s))
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     if status >= 500:
@@ -122,3 +128,16 @@ async def _domain_error_handler(request: Request, exc: GnwsError) -> JSONRespons
     else:
         logger.info("%s %s -> %d: %s", request.method, request.url.path, status, message)
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+
+def retry_after(exc: GnwsError, minimum_s: int) -> int:
+    """Whole seconds for ``Retry-After``: the error's own estimate, never below the configured minimum."""
+    estimate = exc.retry_after_s if isinstance(exc, ServiceError) else None
+    return max(minimum_s, math.ceil(estimate)) if estimate is not None else minimum_s
+
+
+async def _unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A bug, not bad input: answered as JSON like every other error (Starlette's error middleware
+    then re-raises it, so the server logs the traceback)."""
+    return JSONResponse({"detail": "internal server error; the request was not completed (see the server log)"},
+                        status_code=500)

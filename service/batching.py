@@ -5,8 +5,12 @@ Follows LitServe's decode → batch → predict → unbatch shape and TorchServe
 ``max_delay`` for more images with the **same padded shape and the same predictor** (GroupNorm
 statistics include the padding, so only equal padded shapes may share a forward pass; see
 :mod:`models.detector`, difference 3), and runs :meth:`models.Predictor.infer` in a worker
-thread. Images of other shapes keep their place in the line. The line is bounded: a full one
-refuses new images with :class:`~service.errors.OverloadedError` (429 + ``Retry-After``).
+thread. Images of other shapes keep their place in the line. A predictor whose
+``batched_forward`` is off (the CPU default) would run a batch image by image anyway, so its
+images are taken one at a time, without the delay, and each gets its result when its own
+forward pass ends. The line is bounded: a full one refuses new images with
+:class:`~service.errors.OverloadedError` (429 + ``Retry-After``, estimated from the queue depth
+and the recent forward-pass time per image).
 
 Each job carries the predictor it was prepared for, so a model reload (an atomic reference swap in
 :mod:`service.registry`) lets queued images finish on the old weights while new ones use the new.
@@ -91,9 +95,11 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
         self._waiting: deque[_Job] = deque()
+        self._running: list[_Job] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._seconds_per_image: float | None = None  # moving average of recent forward passes
 
     @property
     def depth(self) -> int:
@@ -103,25 +109,42 @@ class Batcher:
     def has_room(self, count: int = 1) -> bool:
         return not self._closed and len(self._waiting) + count <= self.queue_size
 
+    def drain_estimate_s(self) -> float | None:
+        """Seconds until the images now waiting and running are done, from recent forward passes
+        (``None`` before the first one)."""
+        if self._seconds_per_image is None:
+            return None
+        return (len(self._waiting) + len(self._running)) * self._seconds_per_image
+
+    def overloaded(self) -> OverloadedError:
+        """The error for a request refused because this line is full."""
+        self._metrics.rejected.labels("queue_full").inc()
+        return OverloadedError(
+            f"the queue for {self.name} is full ({self.queue_size} images waiting); retry after Retry-After seconds",
+            retry_after_s=self.drain_estimate_s(),
+        )
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
 
     async def stop(self, grace_s: float) -> None:
-        """Refuse new images, let waiting ones finish for up to ``grace_s``, then fail the rest."""
+        """Refuse new images, let waiting and running ones finish for up to ``grace_s``, then fail the rest."""
         self._closed = True
         deadline = time.monotonic() + grace_s
-        while self._waiting and time.monotonic() < deadline:
+        while (self._waiting or self._running) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        unfinished = [*self._running, *self._waiting]  # taken before the cancel empties ``_running``
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        while self._waiting:
-            job = self._waiting.popleft()
+        for job in unfinished:
             if not job.future.done():
                 job.future.set_exception(NotReadyError("the server is shutting down; retry on another instance"))
+        self._running = []
+        self._waiting.clear()
         self._metrics.queue_depth.labels(self.name).set(0)
 
     async def run(
@@ -136,10 +159,7 @@ class Batcher:
         if self._closed:
             raise NotReadyError("the server is shutting down; retry on another instance")
         if not self.has_room(len(prepared)):
-            self._metrics.rejected.labels("queue_full").inc()
-            raise OverloadedError(
-                f"the queue for {self.name} is full ({self.queue_size} images waiting); retry after Retry-After seconds"
-            )
+            raise self.overloaded()
         loop = asyncio.get_running_loop()
         jobs = [_Job(predictor=predictor, prepared=p, future=loop.create_future()) for p in prepared]
         self._waiting.extend(jobs)
@@ -147,10 +167,11 @@ class Batcher:
         self._wakeup.set()
         try:
             return list(await asyncio.wait_for(asyncio.gather(*(j.future for j in jobs)), timeout_s))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._metrics.rejected.labels("timeout").inc()
             raise RequestTimeoutError(
-                f"no result within the {timeout_s:.1f} s request timeout; the server is busy, retry later"
+                f"no result within the {timeout_s:.1f} s request timeout; the server is busy, retry later",
+                retry_after_s=self.drain_estimate_s(),
             ) from None
         finally:
             # A timed-out or disconnected request gives its places in the line back at once.
@@ -162,39 +183,57 @@ class Batcher:
             self._metrics.queue_depth.labels(self.name).set(len(self._waiting))
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             while not self._waiting:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            key = self._waiting[0].key
-            deadline = loop.time() + self.max_delay_s
-            while self._count(key) < self.max_batch_size:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
-                if not self._waiting:
-                    break
-            batch = self._take(key)
-            if batch:
+            try:
+                await self._next_batch()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop the line: log it, fail that batch, go on
+                logger.exception("the batcher of %s failed; its current images get an error", self.name)
+                for job in self._running:
+                    if not job.future.done():
+                        job.future.set_exception(RuntimeError("internal batching error"))
+                self._running = []
+
+    async def _next_batch(self) -> None:
+        loop = asyncio.get_running_loop()
+        head = self._waiting[0]
+        limit = self.max_batch_size if head.predictor.batched_forward else 1
+        key = head.key
+        deadline = loop.time() + self.max_delay_s
+        while limit > 1 and self._count(key) < limit:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                break
+            if not self._waiting:
+                break
+        batch = self._take(key, limit)
+        if batch:
+            self._running = batch
+            try:
                 await self._run_batch(batch)
+            finally:
+                self._running = []
 
     def _count(self, key: tuple[int, tuple[int, int]]) -> int:
         return sum(1 for job in self._waiting if job.key == key)
 
-    def _take(self, key: tuple[int, tuple[int, int]]) -> list[_Job]:
-        """Remove and return up to ``max_batch_size`` live jobs with ``key``, oldest first."""
+    def _take(self, key: tuple[int, tuple[int, int]], limit: int) -> list[_Job]:
+        """Remove and return up to ``limit`` live jobs with ``key``, oldest first."""
         batch: list[_Job] = []
         rest: deque[_Job] = deque()
         for job in self._waiting:
             if job.future.done():
                 continue  # cancelled while waiting
-            if job.key == key and len(batch) < self.max_batch_size:
+            if job.key == key and len(batch) < limit:
                 batch.append(job)
             else:
                 rest.append(job)
@@ -216,6 +255,9 @@ class Batcher:
                     job.future.set_exception(exc)
             return
         inference_s = time.perf_counter() - start
+        per_image = inference_s / len(batch)
+        previous = self._seconds_per_image
+        self._seconds_per_image = per_image if previous is None else 0.7 * previous + 0.3 * per_image
         self._metrics.batch_size.labels(self.name).observe(len(batch))
         for job, raw in zip(batch, raws, strict=True):
             queue_s = start - job.submitted

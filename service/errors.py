@@ -12,7 +12,17 @@ from models import CheckpointError, GnwsError, ImageDecodeError, ImageTooLargeEr
 
 
 class ServiceError(GnwsError):
-    """Base class of errors raised by the service itself."""
+    """Base class of errors raised by the service itself.
+
+    Args:
+        message: the sentence the client gets as ``detail``.
+        retry_after_s: for 429/503, the server's estimate of when a retry can succeed (the
+            ``Retry-After`` header is at least the configured ``retry_after_s``).
+    """
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ConfigurationError(ServiceError):
@@ -47,8 +57,16 @@ class RequestTimeoutError(ServiceError):
     """A request waited and ran longer than the per-request timeout."""
 
 
+class UploadTimeoutError(ServiceError):
+    """The client did not finish sending its upload within the per-request timeout."""
+
+
 class NotReadyError(ServiceError):
     """Models are still loading (or the server is shutting down)."""
+
+
+class LoadFailedError(NotReadyError):
+    """Loading the models failed for good: 503 without ``Retry-After`` (restart the process)."""
 
 
 class AuthenticationError(ServiceError):
@@ -81,12 +99,18 @@ STATUS_BY_ERROR: dict[type[GnwsError], int] = {
     UnsupportedMediaTypeError: 415,
     InvalidParameterError: 422,
     CheckpointError: 422,
+    UploadTimeoutError: 408,
     OverloadedError: 429,
     RequestTimeoutError: 503,
     NotReadyError: 503,
 }
 
 RETRYABLE_STATUSES = frozenset({429, 503})
+
+
+def is_retryable(exc: GnwsError) -> bool:
+    """Whether the response gets a ``Retry-After`` header (429/503, unless nothing will change)."""
+    return status_for(exc) in RETRYABLE_STATUSES and not isinstance(exc, LoadFailedError)
 
 
 def status_for(exc: GnwsError) -> int:

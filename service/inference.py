@@ -29,7 +29,7 @@ from models import Predictor, PreparedImage, RawDetections
 from models.draw import draw_detections
 from models.preprocess import decode_image
 
-from .errors import InvalidParameterError, OverloadedError
+from .errors import InvalidParameterError, OverloadedError, UploadTimeoutError
 from .metrics import Metrics
 from .registry import ModelRegistry, Role, ServedModel
 from .schemas import DetectResponse, ImageResult, ModelSummary, Timings
@@ -56,7 +56,7 @@ class InferenceParams:
 
 @dataclass
 class _Prepared:
-    upload: Upload
+    filename: str | None  # the upload's bytes are not kept once decoded
     prepared: PreparedImage
     rgb: np.ndarray | None
     prepare_s: float
@@ -169,17 +169,9 @@ class InferencePipeline:
         batcher = self.registry.batcher(served.name)
         with self._admit():
             if not batcher.has_room():
-                self.metrics.rejected.labels("queue_full").inc()
-                raise OverloadedError(f"the queue for {served.name} is full; retry after Retry-After seconds")
-            uploads = await read_uploads(request, max_bytes=self.settings.max_upload_bytes,
-                                         max_files=self.settings.max_files)
-            if params.format != "json" and len(uploads) != 1:
-                raise InvalidParameterError(f"format={params.format} draws one image; this request has {len(uploads)}")
+                raise batcher.overloaded()
+            prepared = await self._read_and_prepare(request, predictor, params, deadline)
             loop = asyncio.get_running_loop()
-            keep_rgb = params.format != "json"
-            prepared = [
-                await loop.run_in_executor(self._cpu, self._prepare, predictor, upload, keep_rgb) for upload in uploads
-            ]
             for p in prepared:
                 self.metrics.stage_latency.labels(served.name, "prepare").observe(p.prepare_s)
             results = await batcher.run(predictor, [p.prepared for p in prepared],
@@ -197,7 +189,7 @@ class InferencePipeline:
                 self.metrics.stage_latency.labels(served.name, "encode").observe(encode_s)
                 h, w = p.prepared.ori_shape
                 images.append(ImageResult(
-                    index=i, filename=p.upload.filename, width=w, height=h, batch_size=result.batch_size,
+                    index=i, filename=p.filename, width=w, height=h, batch_size=result.batch_size,
                     timings=Timings(prepare_ms=p.prepare_s * 1e3, queue_ms=result.queue_s * 1e3,
                                     inference_ms=result.inference_s * 1e3, encode_ms=encode_s * 1e3),
                     detections=detections,  # type: ignore[arg-type]  # validated by the response model
@@ -210,11 +202,35 @@ class InferencePipeline:
                 return Response(content=data, media_type=MEDIA_TYPES[params.format])
             return DetectResponse(model=model, images=images)
 
+    async def _read_and_prepare(
+        self, request: Request, predictor: Predictor, params: InferenceParams, deadline: float
+    ) -> list[_Prepared]:
+        """Read the body and prepare its images, within the request's time limit (a client that
+        drip-feeds its upload cannot hold an in-flight place for longer)."""
+        loop = asyncio.get_running_loop()
+        keep_rgb = params.format != "json"
+        try:
+            async with asyncio.timeout(max(deadline - time.perf_counter(), 0.001)):
+                uploads = await read_uploads(request, max_bytes=self.settings.max_upload_bytes,
+                                             max_files=self.settings.max_files)
+                if params.format != "json" and len(uploads) != 1:
+                    raise InvalidParameterError(
+                        f"format={params.format} draws one image; this request has {len(uploads)}"
+                    )
+                return [await loop.run_in_executor(self._cpu, self._prepare, predictor, upload, keep_rgb)
+                        for upload in uploads]
+        except TimeoutError:
+            self.metrics.rejected.labels("timeout").inc()
+            raise UploadTimeoutError(
+                f"the upload was not received and decoded within the {self.settings.request_timeout_s:g} s "
+                "request timeout; send the image faster or a smaller one"
+            ) from None
+
     def _prepare(self, predictor: Predictor, upload: Upload, keep_rgb: bool) -> _Prepared:
         start = time.perf_counter()
         rgb = decode_image(upload.data, max_pixels=self.settings.max_pixels)
         prepared = predictor.prepare(rgb)
-        return _Prepared(upload=upload, prepared=prepared, rgb=rgb if keep_rgb else None,
+        return _Prepared(filename=upload.filename, prepared=prepared, rgb=rgb if keep_rgb else None,
                          prepare_s=time.perf_counter() - start)
 
     @staticmethod

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +24,7 @@ from models import ZOO, CheckpointError, ModelInfo, Predictor, WeightsNotFoundEr
 from models.store import checkpoint_path, missing_weights_message
 
 from .batching import Batcher
-from .errors import NotReadyError, ReloadFailedError, ReloadSourceError, UnknownModelError
+from .errors import LoadFailedError, NotReadyError, ReloadFailedError, ReloadSourceError, UnknownModelError
 from .metrics import Metrics
 from .settings import Settings
 
@@ -142,17 +143,20 @@ class ModelRegistry:
 
     def _default_loader(self, load_from: str | Path) -> Predictor:
         s = self.settings
-        return Predictor.load(load_from, device=s.device, max_pixels=s.max_pixels, image_scale=s.image_scale)
+        predictor = Predictor.load(load_from, device=s.device, max_pixels=s.max_pixels, image_scale=s.image_scale)
+        if s.batched_forward is not None:
+            predictor.batched_forward = s.batched_forward
+        return predictor
 
     def preflight(self) -> dict[str, ResolvedSource]:
         """Resolve every configured source without loading tensors; raises on the first problem."""
         return {source: resolve_startup_source(source, self.settings.model_store)
                 for source in self.settings.model_sources()}
 
-    def _load_and_warm(self, name: str, load_from: str | Path) -> Predictor:
+    def _load_and_warm(self, name: str, load_from: str | Path, *, warm: bool) -> Predictor:
         start = time.perf_counter()
         predictor = self._loader(load_from)
-        if self.settings.warmup:
+        if warm:
             warm_up(predictor)
         logger.info("loaded %s from %s on %s in %.1f s", name, load_from, predictor.device, time.perf_counter() - start)
         return predictor
@@ -164,7 +168,7 @@ class ModelRegistry:
         for source, res in resolved.items():
             try:
                 predictor = await loop.run_in_executor(
-                    self._load_executor, self._load_and_warm, res.name, res.load_from
+                    self._load_executor, partial(self._load_and_warm, res.name, res.load_from, warm=s.warmup)
                 )
             except Exception as exc:
                 self.metrics.model_loads.labels(res.name, "failure").inc()
@@ -220,7 +224,7 @@ class ModelRegistry:
         if self.state == "stopping":
             raise NotReadyError("the server is shutting down; retry on another instance")
         if self.state == "failed":
-            raise NotReadyError(f"the server could not load its models: {self.failure}")
+            raise LoadFailedError(f"the server could not load its models: {self.failure}")
 
     def get(self, name: str | None, role: Role) -> ServedModel:
         """The model named ``name``, or the default model for ``role``."""
@@ -252,10 +256,13 @@ class ModelRegistry:
         text = (source or name).strip()
         if not text:
             raise ReloadSourceError("source is empty; give a zoo key or a file name inside the model store")
-        candidate = Path(text)
-        if candidate.suffix != MODEL_SUFFIX:
-            candidate = candidate.with_name(candidate.name + MODEL_SUFFIX)
-        path = (candidate if candidate.is_absolute() else store / candidate).resolve()
+        try:
+            candidate = Path(text)
+            if candidate.suffix != MODEL_SUFFIX:
+                candidate = candidate.with_name(candidate.name + MODEL_SUFFIX)
+            path = (candidate if candidate.is_absolute() else store / candidate).resolve()
+        except (ValueError, OSError) as exc:  # ".", "/", an embedded NUL byte, ...
+            raise ReloadSourceError(f"{text!r} is not a usable file name in the model store ({exc})") from None
         if not path.is_relative_to(store):
             raise ReloadSourceError(f"{text!r} is outside the model store {store}; reloads only read from the store")
         if not path.is_file():
@@ -265,8 +272,11 @@ class ModelRegistry:
             )
         return path
 
-    async def reload(self, name: str, source: str | None = None) -> ServedModel:
+    async def reload(self, name: str, source: str | None = None) -> tuple[ServedModel, ServedModel]:
         """Swap ``name`` to a checkpoint from the model store; on any failure the old model stays.
+
+        Returns:
+            ``(replaced, new)``: the model that served until the swap, and its successor.
 
         Raises:
             UnknownModelError, ReloadSourceError, WeightsNotFoundError, CheckpointError (incl.
@@ -280,8 +290,10 @@ class ModelRegistry:
                 info = read_model_info(path)
                 self._check_compatible(old, info, path)
                 try:
+                    # Always warmed, whatever ``warmup`` says for startup: a checkpoint that loads but
+                    # cannot run a forward pass must be refused before it replaces a working model.
                     predictor = await asyncio.get_running_loop().run_in_executor(
-                        self._load_executor, self._load_and_warm, name, path
+                        self._load_executor, partial(self._load_and_warm, name, path, warm=True)
                     )
                 except CheckpointError:
                     raise
@@ -295,7 +307,7 @@ class ModelRegistry:
             self._models[name] = new  # the atomic swap
             self.metrics.model_reloads.labels(name, "success").inc()
             logger.info("reloaded %s from %s (generation %d)", name, path, new.generation)
-            return new
+            return old, new
 
     def _check_compatible(self, old: ServedModel, info: ModelInfo, path: Path) -> None:
         if "segment" in self.roles_of(old.name) and not info.config.has_mask:

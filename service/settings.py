@@ -30,19 +30,26 @@ class Settings(BaseSettings):
         torch_threads: intra-op threads for inference (default: torch's choice).
         max_batch_size: most images one forward pass takes (per model).
         max_batch_delay_ms: how long the batcher waits for more images of the same padded shape.
+        batched_forward: run a batch of equal padded shapes as one forward pass. Unset: on CUDA
+            only (see :class:`models.Predictor`); where it is off, every image gets its own
+            forward pass and its result as soon as that pass ends.
         queue_size: images waiting per model before requests are refused with 429.
         request_timeout_s: per-request limit on queueing + inference, then 503.
         max_upload_bytes: request-body limit (413 above it), enforced while reading.
         max_files: images per multipart request.
         max_pixels: decompression-bomb guard: decoded pixel count limit (413 above it).
         max_in_flight: inference requests being read, decoded or waiting, all models together
-            (429 above it); bounds memory: about ``max_in_flight × max_upload_bytes``.
+            (429 above it). Bounds memory: each request holds its upload (≤ ``max_upload_bytes``)
+            and, per image, the prepared float32 tensor (about 12 MB at 1333x800) plus, for
+            ``format=png|jpeg``, the decoded RGB image (3 bytes × ≤ ``max_pixels``).
         api_key: required for ``POST /v1/models/{name}/reload``; unset disables reloads.
         host / port: where ``gnws serve`` listens (loopback unless told otherwise).
         image_scale: ``(max_size, min_size)`` test scale instead of (1333, 800); smoke tests only.
         model_store: folder reloads may read from (default: ``$GNWS_MODEL_STORE`` or the gnws cache).
         warmup: run one forward pass per model before reporting ready.
-        retry_after_s: ``Retry-After`` seconds on 429/503.
+        retry_after_s: least ``Retry-After`` seconds on 429/503; under load the header is the
+            server's estimate of when the queue will have drained (queued images × recent
+            forward-pass time per image).
         cors_origins: allowed browser origins for the API (none by default).
     """
 
@@ -55,6 +62,7 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=None, ge=1)
     max_batch_size: int = Field(default=4, ge=1, le=64)
     max_batch_delay_ms: float = Field(default=5.0, ge=0, le=10_000)
+    batched_forward: bool | None = None
     queue_size: int = Field(default=16, ge=1)
     request_timeout_s: float = Field(default=60.0, gt=0)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)

@@ -37,11 +37,12 @@ async def healthz(registry: RegistryDep) -> HealthResponse | JSONResponse:
     },
 )
 async def readyz(registry: RegistryDep, settings: SettingsDep) -> HealthResponse | JSONResponse:
-    """Readiness: 200 once every model is loaded and warmed up, else 503 with ``Retry-After``."""
+    """Readiness: 200 once every model is loaded and warmed up, else 503 (with ``Retry-After`` unless failed)."""
     if registry.ready:
         return HealthResponse(status="ready")
     body = HealthResponse(status=registry.state, detail=registry.failure)
-    return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
+    headers = {} if registry.state == "failed" else {"Retry-After": str(settings.retry_after_s)}
+    return JSONResponse(body.model_dump(), status_code=503, headers=headers)
 
 
 @router.get(

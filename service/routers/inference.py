@@ -36,6 +36,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     },
     400: {"model": ErrorResponse, "description": "empty, corrupt, truncated or non-image upload; malformed form"},
     404: {"model": ErrorResponse, "description": "no such model loaded"},
+    408: {"model": ErrorResponse, "description": "the upload did not arrive within the request timeout"},
     413: {"model": ErrorResponse, "description": "body over the upload limit, or too many pixels"},
     415: {"model": ErrorResponse, "description": "body is neither multipart nor an image"},
     422: {"model": ErrorResponse, "description": "invalid query parameters"},

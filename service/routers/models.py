@@ -76,8 +76,7 @@ async def reload_model(
     The new checkpoint is validated, loaded and warmed up while the old one keeps serving; a
     checkpoint that fails any step is refused and nothing changes.
     """
-    before = registry.get(name, "detect")
-    new = await registry.reload(name, body.source if body else None)
+    before, new = await registry.reload(name, body.source if body else None)
     return ReloadResponse(
         model=model_details(registry, new),
         previous_generation=before.generation,

@@ -4,21 +4,37 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from service import create_app
 from tests.conftest import FASTER_R50
-from tests.service.conftest import SAME_SHAPE, LiveServer, image_bytes, metric_value
+from tests.service.conftest import (
+    SAME_SHAPE,
+    FakePredictor,
+    LiveServer,
+    image_bytes,
+    metric_value,
+    small_settings,
+    start_server,
+)
 
 
 def _png(width: int, height: int) -> bytes:
     buf = io.BytesIO()
     Image.new("L", (width, height)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _eps() -> bytes:
+    return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
 
 
 JPEG = image_bytes(SAME_SHAPE[0])
@@ -38,6 +54,9 @@ CASES: list[tuple[str, dict, int]] = [
     ("oversize upload", {"content": os.urandom(3 * 1024 * 1024), "headers": {"Content-Type": "image/jpeg"}}, 413),
     ("oversize multipart", {"files": {"file": ("big.jpg", os.urandom(3 * 1024 * 1024), "image/jpeg")}}, 413),
     ("pixel bomb PNG", {"files": {"file": ("bomb.png", _png(4000, 4000), "image/png")}}, 413),
+    ("1100x1 PNG (resizes to zero height)", {"files": {"file": ("thin.png", _png(1100, 1), "image/png")}}, 400),
+    ("1x3000 PNG (resizes to zero width)", {"content": _png(1, 3000), "headers": {"Content-Type": "image/png"}}, 400),
+    ("EPS (not a raster format we open)", {"content": _eps(), "headers": {"Content-Type": "image/png"}}, 400),
     ("score_threshold > 1", {"params": {"score_threshold": "2"}, "files": {"file": JPEG}}, 422),
     ("score_threshold NaN", {"params": {"score_threshold": "nan"}, "files": {"file": JPEG}}, 422),
     ("score_threshold text", {"params": {"score_threshold": "high"}, "files": {"file": JPEG}}, 422),
@@ -112,3 +131,36 @@ def test_grey_and_alpha_images_are_accepted_formats(client: httpx.Client) -> Non
     assert r.status_code == 200, r.text
     assert r.json()["images"][0]["detections"] == []
     assert (r.json()["images"][0]["width"], r.json()["images"][0]["height"]) == (1, 1)
+
+
+def test_a_slow_upload_is_cut_off_at_the_request_timeout(model_store: Path) -> None:
+    """A client drip-feeding its body cannot hold an in-flight place past the request timeout: 408."""
+    settings = small_settings(model_store, segment_model=None, request_timeout_s=1.0, warmup=False)
+    live = start_server(create_app(settings, loader=lambda source: FakePredictor()))
+
+    def drip() -> Iterator[bytes]:
+        for _ in range(20):  # 10 s if the server let it
+            time.sleep(0.5)
+            yield b"\xff" * 16
+
+    result: dict[str, httpx.Response] = {}
+
+    def send() -> None:
+        with live.client(timeout=30) as slow:
+            result["r"] = slow.post("/v1/detect", content=drip(), headers={"Content-Type": "image/jpeg"})
+
+    sender = threading.Thread(target=send)
+    try:
+        sender.start()
+        time.sleep(3.0)  # the client is still sending (10 s in all); its 1 s budget is spent
+        with live.client(timeout=30) as client:
+            text = client.get("/metrics").text
+            assert client.get("/healthz").status_code == 200
+        assert metric_value(text, "gnws_in_flight_requests") == 0, "the slow upload still holds its place"
+        assert metric_value(text, "gnws_rejected_requests_total", {"reason": "timeout"}) == 1
+        sender.join(60)
+        assert result["r"].status_code == 408, result["r"].text
+        assert "upload" in result["r"].json()["detail"]
+    finally:
+        sender.join(60)
+        live.stop()

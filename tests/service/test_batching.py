@@ -30,6 +30,7 @@ class FakePredictor:
     delay_s: float = 0.0
     calls: list[list[tuple[tuple[int, int], float]]] = field(default_factory=list)
     gate: threading.Event | None = None
+    batched_forward: bool = True
 
     def infer(self, prepared: list[PreparedImage]) -> list[RawDetections]:
         if self.gate is not None:
@@ -121,5 +122,75 @@ def test_inference_errors_reach_the_request_and_the_worker_survives(executor: Th
         ok = await batcher.run(FakePredictor(), [_image((8, 8), 1)], timeout_s=5)  # type: ignore[arg-type]
         assert float(ok[0].raw.scores[0]) == 1
         await batcher.stop(1)
+
+    asyncio.run(run())
+
+
+def test_without_batched_forward_each_image_runs_alone_and_is_answered_at_once(executor: ThreadPoolExecutor) -> None:
+    """A predictor that would run a batch image by image (the CPU default) gets one image per pass:
+    the first image's answer does not wait for the forward passes of the others."""
+    predictor = FakePredictor(delay_s=0.3, batched_forward=False)
+
+    async def run() -> tuple[list[float], list[Any]]:
+        batcher = _batcher(executor, max_delay_s=5.0)  # a delay that must not be waited for
+        batcher.start()
+        done_at: list[float] = []
+        start = time.perf_counter()
+
+        async def one(tag: float) -> Any:
+            result = await batcher.run(predictor, [_image((8, 8), tag)], timeout_s=10)  # type: ignore[arg-type]
+            done_at.append(time.perf_counter() - start)
+            return result
+
+        results = await asyncio.gather(*(one(float(i)) for i in range(3)))
+        await batcher.stop(1)
+        return done_at, results
+
+    done_at, results = asyncio.run(run())
+    assert [[tag for _, tag in call] for call in predictor.calls] == [[0], [1], [2]]
+    assert [r[0].batch_size for r in results] == [1, 1, 1]
+    # answered one pass apart (0.3 s each), not all together after the last pass or the 5 s delay
+    assert done_at[0] < done_at[2] - 0.4, done_at
+
+
+def test_refusals_estimate_when_the_queue_drains(executor: ThreadPoolExecutor) -> None:
+    predictor = FakePredictor(delay_s=0.2, gate=threading.Event(), batched_forward=False)
+
+    async def run() -> None:
+        batcher = _batcher(executor, queue_size=2, max_delay_s=0)
+        batcher.start()
+        assert batcher.drain_estimate_s() is None  # nothing measured yet
+        predictor.gate.set()  # type: ignore[union-attr]
+        await batcher.run(predictor, [_image((8, 8), 0)], timeout_s=10)  # type: ignore[arg-type]
+        predictor.gate.clear()  # type: ignore[union-attr]
+        busy = [asyncio.create_task(batcher.run(predictor, [_image((8, 8), 1)], timeout_s=10))]  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)  # running, blocked on the gate
+        busy += [asyncio.create_task(batcher.run(predictor, [_image((8, 8), i)], timeout_s=10))  # type: ignore[arg-type]
+                 for i in (2, 3)]
+        await asyncio.sleep(0.05)  # both waiting: the line is full
+        with pytest.raises(OverloadedError) as refused:
+            await batcher.run(predictor, [_image((8, 8), 4)], timeout_s=1)  # type: ignore[arg-type]
+        # three images ahead at about 0.2 s each
+        assert refused.value.retry_after_s is not None
+        assert 0.5 <= refused.value.retry_after_s <= 1.5, refused.value.retry_after_s
+        predictor.gate.set()  # type: ignore[union-attr]
+        await asyncio.gather(*busy)
+        await batcher.stop(1)
+
+    asyncio.run(run())
+
+
+def test_stop_answers_the_running_batch_too(executor: ThreadPoolExecutor) -> None:
+    predictor = FakePredictor(gate=threading.Event())
+
+    async def run() -> None:
+        batcher = _batcher(executor, max_delay_s=0)
+        batcher.start()
+        running = asyncio.create_task(batcher.run(predictor, [_image((8, 8), 0)], timeout_s=30))  # type: ignore[arg-type]
+        await asyncio.sleep(0.1)  # blocked in its forward pass
+        await batcher.stop(0.2)
+        with pytest.raises(NotReadyError):
+            await asyncio.wait_for(running, 5)  # answered at shutdown, not left to its 30 s timeout
+        predictor.gate.set()  # type: ignore[union-attr]
 
     asyncio.run(run())

@@ -26,13 +26,12 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def test_missing_weights_fail_fast_with_the_fetch_message(tmp_path: Path) -> None:
-    start = time.monotonic()
     result = subprocess.run([*GNWS, "serve", "--port", "0"], env=_env(tmp_path), capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 2
     assert f"run `gnws fetch {FASTER_R50}`" in result.stderr
     assert "Traceback" not in result.stderr
-    assert time.monotonic() - start < 60  # no model was loaded (generous: imports only)
+    assert "Uvicorn running" not in result.stderr  # refused before the server started
 
 
 def test_invalid_settings_are_one_sentence(tmp_path: Path) -> None:

@@ -14,27 +14,7 @@ from fastapi.testclient import TestClient
 from models import WeightsNotFoundError
 from service import create_app
 from tests.conftest import FASTER_R50
-from tests.service.conftest import small_settings
-
-
-class FakePredictor:
-    """Stands in for a loaded model; records the warm-up forward pass."""
-
-    has_masks = False
-    device = "cpu"
-
-    def __init__(self) -> None:
-        self.forward_passes = 0
-
-    def prepare(self, image: Any) -> Any:
-        return image
-
-    def infer(self, prepared: list[Any]) -> list[Any]:
-        self.forward_passes += 1
-        return [None for _ in prepared]
-
-    def encode(self, raw: Any) -> list[Any]:
-        return []
+from tests.service.conftest import FakePredictor, small_settings
 
 
 def _wait(check: Callable[[], bool], timeout_s: float = 30) -> None:
@@ -81,6 +61,12 @@ def test_a_failed_load_is_reported_by_both_probes(model_store: Path) -> None:
         health = client.get("/healthz")
         assert health.status_code == 503
         assert "out of memory" in health.json()["detail"]
+        # nothing will change by waiting: no Retry-After on the probe or on requests
+        assert "Retry-After" not in client.get("/readyz").headers
+        refused = client.post("/v1/detect", content=b"x", headers={"Content-Type": "image/jpeg"})
+        assert refused.status_code == 503
+        assert "out of memory" in refused.json()["detail"]
+        assert "Retry-After" not in refused.headers
         text = client.get("/metrics").text
     assert f'gnws_model_loads_total{{model="{FASTER_R50}",result="failure"}} 1.0' in text
 

@@ -44,7 +44,9 @@ def test_overload_refuses_with_retry_after_and_answers_every_accepted_request(bu
     accepted = [r for r in responses if r.status_code == 200]
     assert refused, f"{CLIENTS} clients against a queue of {QUEUE_SIZE} should see refusals: {statuses}"
     assert accepted, statuses
-    assert all(r.headers.get("Retry-After") == "2" for r in refused)
+    # at least the configured 2 s; more when the queue ahead takes longer (1-2 s per image here)
+    waits = [int(r.headers["Retry-After"]) for r in refused]
+    assert all(2 <= w <= 30 for w in waits), waits
     assert all("retry" in r.json()["detail"].lower() for r in refused)
     assert all(r.json()["images"][0]["detections"] for r in accepted)
     with httpx.Client(base_url=busy_server.url, timeout=30) as client:

@@ -2,11 +2,29 @@
 
 Built on :class:`models.Predictor` (the handler imports ``models`` only, see ``shared/STYLE.md``)
 and shaped like LitServe's loop: decode → batch → infer → unbatch → encode, weights touched only
-in :meth:`GnwsHandler.initialize`. Each response is the service's ``/v1/detect`` (or, for a Mask
-R-CNN, ``/v1/segment``) JSON for a one-image request; errors are ``{"detail": message}``.
-A TorchServe batch is one list of requests; images that fail to decode get their own 4xx response
-(``context.set_response_status(..., idx)``) while the rest of the batch is answered normally.
-Batching never changes results: the predictor groups images by padded shape (GroupNorm statistics include the padding).
+in :meth:`GnwsHandler.initialize`. Each response is what the service's ``/v1/detect`` (or, for a Mask
+R-CNN, ``/v1/segment``) answers for a one-image request, field for field: ``None`` fields left out
+(the service's ``response_model_exclude_none``), the model's provenance from the baked file's
+metadata, ``generation`` 0 (the service counts hot reloads; TorchServe here has none, the model API
+is off). Errors are ``{"detail": message}`` with the service's statuses (400 bad image, 413 too
+many pixels, 422 bad parameter, 404 another model).
+
+Query parameters as in the service: ``score_threshold`` (0-1), ``max_detections`` (0-1000),
+``classes`` (names or COCO ids, comma-separated), ``polygons`` (masks only), ``format``
+(``json``, or ``png``/``jpeg`` for the image with detections drawn) and ``model`` (must be this
+model: TorchServe picks the model from the URL). TorchServe 0.12 hands a handler the query string
+only on ``POST /models/NAME/invoke`` (and the legacy ``/NAME/predict``); ``POST /predictions/NAME``
+drops it (``InferenceRequestHandler.handlePredictions`` parses no query). There, send the same
+names as multipart form fields next to the image (``-F file=@x.jpg -F score_threshold=0.3``).
+Either way they arrive as fields of the request row, as UTF-8 bytes; a repeated name arrives once
+(the last value), so give several classes as ``classes=person,car``. The filtering mirrors
+``service/inference.py`` (``select``, ``class_indices``, ``mask_polygons``); tests compare the two
+services' whole responses.
+
+A TorchServe batch is one list of requests; a request that fails before inference gets its own
+4xx response (``context.set_response_status(..., idx)``) while the rest of the batch is answered
+normally. Batching never changes results: the predictor groups images by padded shape (GroupNorm
+statistics include the padding).
 
 Settings come from the ``handler:`` section of the archive's ``model-config.yaml`` (written by
 ``gnws archive``): ``device`` (``auto`` = the GPU TorchServe assigned to this worker, else CPU),
@@ -18,24 +36,33 @@ as functions.
 
 from __future__ import annotations
 
+import difflib
+import io
 import json
 import logging
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
+import cv2
+import numpy as np
 import torch
 
 from models import GnwsError, ImageDecodeError, ImageTooLargeError, Predictor, PreparedImage, RawDetections
-from models.preprocess import DEFAULT_MAX_PIXELS
+from models.draw import draw_detections
+from models.preprocess import DEFAULT_MAX_PIXELS, decode_image
 
 logger = logging.getLogger(__name__)
 
 # Request fields TorchServe may carry the image in: raw body ("body"/"data") or a multipart field.
 IMAGE_FIELDS = ("data", "body", "file", "image")
 JSON = "application/json"
+MEDIA_TYPES = {"json": JSON, "png": "image/png", "jpeg": "image/jpeg"}
+TRUE_WORDS = frozenset({"1", "true", "on", "yes"})
+FALSE_WORDS = frozenset({"0", "false", "off", "no"})
+MAX_DETECTIONS_LIMIT = 1000
 # A request that failed before inference: (HTTP status, error).
 Failure = tuple[int, Exception]
 
@@ -58,6 +85,134 @@ def request_image(row: Mapping[str, Any]) -> bytes:
     raise ImageDecodeError(
         f"the request has no image; expected the raw image as the body or a form field {IMAGE_FIELDS}"
     )
+
+
+def param_text(row: Mapping[str, Any], name: str) -> str | None:
+    """A query parameter of the request row as text (TorchServe passes it as UTF-8 bytes)."""
+    value = row.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            return bytes(value).decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ValueError(f"{name}: not UTF-8 text") from None
+    return str(value).strip()
+
+
+def parse_number(row: Mapping[str, Any], name: str, kind: type, low: float, high: float) -> Any:
+    """``kind(text)`` within ``[low, high]``, or ``None`` when absent.
+
+    Raises:
+        ValueError: not a number of that kind, or out of range (the service answers 422).
+    """
+    text = param_text(row, name)
+    if text is None or text == "":
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"{name}: expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if not low <= value <= high:  # NaN fails too
+        raise ValueError(f"{name}: must be between {low:g} and {high:g}, got {text}")
+    return value
+
+
+def class_indices(predictor: Predictor, text: str | None) -> list[int] | None:
+    """Label indices for comma-separated class names (any case) or COCO category ids; ``None`` for all.
+
+    Raises:
+        ValueError: a token is neither a class name nor a category id of the model (422).
+    """
+    tokens = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if not tokens:
+        return None
+    by_name = {name.lower(): i for i, name in enumerate(predictor.classes)}
+    by_id = {str(cid): i for i, cid in enumerate(predictor.category_ids)}
+    indices: list[int] = []
+    for token in tokens:
+        index = by_id.get(token, by_name.get(token.lower()))
+        if index is None:
+            close = difflib.get_close_matches(token.lower(), list(by_name), n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(
+                f"classes: {token!r} is neither a class name nor a category id of {predictor.name}.{hint} "
+                "The model's classes are its training classes (COCO's 80 for the zoo models)."
+            )
+        indices.append(index)
+    return sorted(set(indices))
+
+
+def request_params(row: Mapping[str, Any], predictor: Predictor) -> dict[str, Any]:
+    """The query parameters of one request, checked like the service checks them.
+
+    Raises:
+        ValueError: a bad value (422).
+        LookupError: ``model`` names another model (404).
+    """
+    model = param_text(row, "model")
+    if model and model != predictor.name:
+        raise LookupError(
+            f"model {model!r}: this TorchServe model is {predictor.name!r}; TorchServe picks the model from "
+            f"the URL (POST /predictions/{model}), not from ?model="
+        )
+    fmt = (param_text(row, "format") or "json").lower()
+    if fmt not in MEDIA_TYPES:
+        raise ValueError(f"format: expected one of {', '.join(MEDIA_TYPES)}, got {fmt!r}")
+    polygons = (param_text(row, "polygons") or "false").lower()
+    if polygons not in TRUE_WORDS | FALSE_WORDS:
+        raise ValueError(f"polygons: expected true or false, got {polygons!r}")
+    return {
+        "score_threshold": parse_number(row, "score_threshold", float, 0.0, 1.0),
+        "max_detections": parse_number(row, "max_detections", int, 0, MAX_DETECTIONS_LIMIT),
+        "labels": class_indices(predictor, param_text(row, "classes")),
+        "format": fmt,
+        "polygons": polygons in TRUE_WORDS,
+    }
+
+
+def select(raw: RawDetections, params: Mapping[str, Any], *, keep_masks: bool) -> RawDetections:
+    """The detections passing the filters, in the predictor's order; ``max_detections`` keeps the best."""
+    keep = torch.ones(raw.scores.shape[0], dtype=torch.bool)
+    if params["score_threshold"] is not None:
+        keep &= raw.scores >= params["score_threshold"]
+    if params["labels"] is not None:
+        keep &= torch.isin(raw.labels, torch.tensor(params["labels"], dtype=raw.labels.dtype))
+    idx = keep.nonzero().flatten()
+    max_detections = params["max_detections"]
+    if max_detections is not None and idx.numel() > max_detections:
+        best = torch.argsort(raw.scores[idx], descending=True, stable=True)[:max_detections]
+        idx = idx[best.sort().values]
+    masks = raw.masks[idx] if keep_masks and raw.masks is not None else None
+    return RawDetections(boxes=raw.boxes[idx], scores=raw.scores[idx], labels=raw.labels[idx], masks=masks)
+
+
+def mask_polygons(mask_hw: torch.Tensor) -> list[list[float]]:
+    """Outer outlines of a binary mask as flat ``[x1, y1, x2, y2, ...]`` lists, as the service gives them."""
+    mask = np.ascontiguousarray(mask_hw.numpy().astype(np.uint8))
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygons: list[list[float]] = []
+    for contour in contours:
+        points = contour.reshape(-1, 2)
+        if len(points) >= 3:
+            polygons.append(points.reshape(-1).astype(float).tolist())
+        else:
+            x0, y0 = points.min(axis=0).tolist()
+            x1, y1 = (points.max(axis=0) + 1).tolist()
+            polygons.append([float(v) for v in (x0, y0, x1, y0, x1, y1, x0, y1)])
+    return polygons
+
+
+def without_none(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` minus the ``None`` values (the service leaves them out of its JSON)."""
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def model_summary(predictor: Predictor) -> dict[str, Any]:
+    """The service's ``ModelSummary``: name, arch, and provenance from the baked file's metadata."""
+    info = predictor.info
+    return without_none({"name": predictor.name, "arch": info.config.arch, "zoo_key": info.zoo_key,
+                         "source_sha256": info.source_sha256, "generation": 0, "provenance": info.provenance})
 
 
 def error_body(exc: Exception) -> str:
@@ -89,6 +244,7 @@ class GnwsHandler:
 
     def __init__(self) -> None:
         self.predictor: Predictor | None = None
+        self.model: dict[str, Any] = {}
         self.initialized = False
 
     def initialize(self, context: Any) -> None:
@@ -107,6 +263,7 @@ class GnwsHandler:
             max_pixels=int(settings.get("max_pixels", DEFAULT_MAX_PIXELS)),
             image_scale=parse_image_scale(settings.get("image_scale")),
         )
+        self.model = model_summary(self.predictor)
         self.initialized = True
         logger.info("loaded %s from %s on %s (batch size %s)", self.predictor.name, path, device,
                     props.get("batch_size"))
@@ -116,20 +273,33 @@ class GnwsHandler:
             raise RuntimeError("GnwsHandler.handle called before initialize")
         return self.predictor
 
-    def preprocess(self, data: Sequence[Mapping[str, Any]]) -> list[tuple[PreparedImage | Failure, float]]:
-        """Decode and prepare every request: ``(prepared image or (status, error), milliseconds)``."""
+    def preprocess(self, data: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Check the parameters, decode and prepare every request.
+
+        One dict per request: ``prepared`` (or ``failure``: ``(status, error)``), ``params``,
+        ``rgb`` (the decoded image, kept to draw on for ``format=png|jpeg``) and ``prepare_ms``.
+        """
         predictor = self._loaded()
-        out: list[tuple[PreparedImage | Failure, float]] = []
+        out: list[dict[str, Any]] = []
         for row in data:
             start = time.perf_counter()
-            item: PreparedImage | Failure
+            item: dict[str, Any] = {"prepared": None, "failure": None, "params": None, "rgb": None}
             try:
-                item = predictor.prepare(request_image(row))
+                item["params"] = request_params(row, predictor)
+                rgb = decode_image(request_image(row), max_pixels=predictor.max_pixels)
+                item["prepared"] = predictor.prepare(rgb)
+                if item["params"]["format"] != "json":
+                    item["rgb"] = rgb
             except ImageTooLargeError as exc:
-                item = (413, exc)
+                item["failure"] = (413, exc)
             except ImageDecodeError as exc:
-                item = (400, exc)
-            out.append((item, (time.perf_counter() - start) * 1e3))
+                item["failure"] = (400, exc)
+            except LookupError as exc:
+                item["failure"] = (404, exc)
+            except ValueError as exc:
+                item["failure"] = (422, exc)
+            item["prepare_ms"] = (time.perf_counter() - start) * 1e3
+            out.append(item)
         return out
 
     def inference(self, prepared: Sequence[PreparedImage]) -> list[RawDetections]:
@@ -137,47 +307,62 @@ class GnwsHandler:
         with torch.inference_mode():
             return self._loaded().infer(prepared)
 
-    def postprocess(self, prepared: Sequence[PreparedImage], raw: Sequence[RawDetections],
-                    prepare_ms: Sequence[float], inference_ms: float) -> list[str]:
-        """One JSON body per image, shaped like the service's ``DetectResponse`` for a one-image request."""
+    def encode(self, raw: RawDetections, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The service's detections: filtered, COCO-encoded, masks only from a Mask R-CNN, polygons on request."""
         predictor = self._loaded()
-        info = predictor.info
-        model = {"name": predictor.name, "arch": info.config.arch, "zoo_key": info.zoo_key,
-                 "source_sha256": info.source_sha256, "generation": 0, "provenance": info.provenance}
-        forward_sizes = Counter(p.pad_shape for p in prepared)  # images sharing each forward pass
-        bodies = []
-        for p, r, p_ms in zip(prepared, raw, prepare_ms, strict=True):
+        chosen = select(raw, params, keep_masks=predictor.has_masks)
+        detections: list[dict[str, Any]] = [dict(d) for d in predictor.encode(chosen)]
+        if params["polygons"] and chosen.masks is not None:
+            for det, mask in zip(detections, chosen.masks, strict=True):
+                det["polygons"] = mask_polygons(mask)
+        return detections
+
+    def postprocess(self, items: Sequence[Mapping[str, Any]], raw: Sequence[RawDetections],
+                    inference_ms: float) -> list[str | bytes]:
+        """One body per image: the service's ``DetectResponse`` JSON for a one-image request, or the drawn image."""
+        forward_sizes = Counter(item["prepared"].pad_shape for item in items)  # images sharing each forward pass
+        bodies: list[str | bytes] = []
+        for item, r in zip(items, raw, strict=True):
+            p: PreparedImage = item["prepared"]
             start = time.perf_counter()
-            detections = predictor.encode(r)
+            detections = self.encode(r, item["params"])
+            fmt = item["params"]["format"]
+            if fmt != "json":
+                buffer = io.BytesIO()
+                draw_detections(item["rgb"], detections).save(buffer, format=fmt.upper(), quality=90)
+                bodies.append(buffer.getvalue())
+                continue
             image = {
-                "index": 0, "filename": None, "width": p.ori_shape[1], "height": p.ori_shape[0],
+                "index": 0, "width": p.ori_shape[1], "height": p.ori_shape[0],
                 "batch_size": forward_sizes[p.pad_shape],
                 # TorchServe queues requests before the handler: its queue time is in its own metrics.
-                "timings": {"prepare_ms": p_ms, "queue_ms": 0.0, "inference_ms": inference_ms,
+                "timings": {"prepare_ms": item["prepare_ms"], "queue_ms": 0.0, "inference_ms": inference_ms,
                             "encode_ms": (time.perf_counter() - start) * 1e3},
                 "detections": detections,
             }
-            bodies.append(json.dumps({"model": model, "images": [image]}))
+            bodies.append(json.dumps({"model": self.model, "images": [image]}))
         return bodies
 
-    def handle(self, data: Sequence[Mapping[str, Any]], context: Any) -> list[str]:
-        """Answer a TorchServe batch: one JSON string per request, in request order."""
+    def handle(self, data: Sequence[Mapping[str, Any]], context: Any) -> list[str | bytes]:
+        """Answer a TorchServe batch: one body per request, in request order."""
         items = self.preprocess(data)
-        ok = [i for i, (item, _) in enumerate(items) if isinstance(item, PreparedImage)]
-        prepared = [cast(PreparedImage, items[i][0]) for i in ok]
+        ok = [i for i, item in enumerate(items) if item["failure"] is None]
         logger.info("batch of %d requests (%d images)", len(items), len(ok))
-        responses: list[str] = [""] * len(items)
+        responses: list[str | bytes] = [""] * len(items)
         if ok:
             start = time.perf_counter()
-            raw = self.inference(prepared)
+            raw = self.inference([items[i]["prepared"] for i in ok])
             inference_ms = (time.perf_counter() - start) * 1e3
-            bodies = self.postprocess(prepared, raw, [items[i][1] for i in ok], inference_ms)
+            bodies = self.postprocess([items[i] for i in ok], raw, inference_ms)
             for i, body in zip(ok, bodies, strict=True):
                 responses[i] = body
-        for i, (item, _) in enumerate(items):
-            if not isinstance(item, PreparedImage):
-                status, exc = item
+        for i, item in enumerate(items):
+            media_type = JSON
+            if item["failure"] is not None:
+                status, exc = item["failure"]
                 responses[i] = error_body(exc)
                 context.set_response_status(status, str(exc), i)
-            context.set_response_content_type(i, JSON)
+            else:
+                media_type = MEDIA_TYPES[item["params"]["format"]]
+            context.set_response_content_type(i, media_type)
         return responses

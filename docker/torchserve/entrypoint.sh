@@ -1,12 +1,16 @@
 #!/bin/sh
-# Entry point of the torchserve image: weights into the volume, one .mar per model, then TorchServe.
+# Entry point of the torchserve image: weights into the volume, one .mar per model, the config, then TorchServe.
 #   GNWS_TORCHSERVE_MODELS  space-separated zoo keys / model-store names (default: the two R-50 defaults)
 #   GNWS_TS_BATCH_SIZE, GNWS_TS_MAX_BATCH_DELAY_MS, GNWS_TS_WORKERS  batching and workers per model
 #   GNWS_OFFLINE=1          never download (see docs/containers.md)
-# An archive is rebuilt when its model-store file is newer (e.g. after a training export).
+#   TS_BIND_ADDRESS         interface address for inference and metrics (default: the container's own address)
+# An archive is rebuilt when its model-store file is newer (e.g. after a training export). TorchServe serves
+# exactly these models: the rendered config names them, so other archives in the model store are ignored.
 set -eu
 models="${GNWS_TORCHSERVE_MODELS:-faster_rcnn_r50_fpn_gn_ws-all_1x_coco mask_rcnn_r50_fpn_gn_ws-all_2x_coco}"
 mar_store="${GNWS_MAR_STORE:-/home/model-server/model-store}"
+ts_dir="${GNWS_TORCHSERVE_DIR:-/opt/gnws/torchserve}"
+effective="${GNWS_TS_EFFECTIVE_CONFIG:-/home/model-server/effective-config.properties}"
 mkdir -p "$mar_store" "${TEMP:-/tmp}"
 # shellcheck disable=SC2086  # word splitting of the model list is intended
 python /opt/gnws/prepare_models.py $models
@@ -19,5 +23,7 @@ for name in $models; do
             --workers "${GNWS_TS_WORKERS:-1}"
     fi
 done
-exec torchserve --start --foreground --ncs --ts-config "${TS_CONFIG_FILE:-/home/model-server/config.properties}" \
-    --model-store "$mar_store"
+# shellcheck disable=SC2086
+python "$ts_dir/render_config.py" --template "${TS_CONFIG_FILE:-/home/model-server/config.properties}" \
+    --model-store "$mar_store" --out "$effective" $models
+exec torchserve --start --foreground --ncs --ts-config "$effective" --model-store "$mar_store"

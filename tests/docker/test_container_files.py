@@ -7,18 +7,21 @@ posture, compose wiring to the service's real settings, and TorchServe's locked-
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
+import psutil
 import pytest
-import tomllib
 import yaml
 
 from service.settings import Settings
-from tests.docker.torchserve_runner import SHIPPED_CONFIG, read_properties
+from tests.docker.torchserve_runner import SHIPPED_CONFIG, read_properties, render_config
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile", "cuda": REPO / "docker" / "Dockerfile.cuda"}
@@ -168,18 +171,91 @@ def test_compose_services_and_profiles() -> None:
     assert "--out=/reports" in loadtest["command"]
 
 
-def test_torchserve_config_is_locked_down() -> None:
+LISTENER_KEYS = ("inference_address", "management_address", "metrics_address")
+GRPC_ADDRESS_KEYS = ("grpc_inference_address", "grpc_management_address")
+
+
+def listener_hosts(props: dict[str, str]) -> dict[str, str]:
+    """The host of every listener in a TorchServe config (HTTP and gRPC)."""
+    hosts = {}
+    for key in LISTENER_KEYS:
+        match = re.fullmatch(r"http://(\[[0-9a-fA-F:.]+\]|[0-9.]+):\d+", props[key])
+        assert match, f"{key}={props[key]}: expected http://<IP literal>:<port>"
+        hosts[key] = match.group(1).strip("[]")
+    for key in GRPC_ADDRESS_KEYS:
+        hosts[key] = props[key]
+    return hosts
+
+
+def test_shipped_torchserve_config_is_locked_down() -> None:
     props = read_properties(SHIPPED_CONFIG)
-    for key in ("inference_address", "management_address", "metrics_address"):
-        assert re.fullmatch(r"http://(127\.0\.0\.1|0\.0\.0\.0):\d+", props[key]), key
-    assert props["management_address"].startswith("http://127.0.0.1:")
-    assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
+    hosts = listener_hosts(props)
+    assert set(hosts.values()) == {"127.0.0.1"}, hosts  # explicit, never a wildcard such as 0.0.0.0
+    assert "0.0.0.0" not in SHIPPED_CONFIG.read_text().replace("# ", "")
     assert props["disable_token_authorization"] == "false"
     assert props["enable_model_api"] == "false"
     assert props["allowed_urls"] == f"file://{props['model_store']}/.*"
     assert props["install_py_dep_per_model"] == "false"
     assert props["metrics_mode"] == "prometheus"
-    assert props["load_models"] == "all"
+    assert props["enable_metrics_api"] == "true"
+    assert "load_models" not in props, "the entry point names the models; `all` would serve stale archives"
+
+
+def test_rendered_config_binds_one_interface_and_names_the_models() -> None:
+    """What entrypoint.sh starts TorchServe with: public listeners on the given address, the rest on the
+    loopback, exactly the configured models."""
+    shipped = read_properties(SHIPPED_CONFIG)
+    props = render_config.render(shipped, bind="172.18.0.5", models=["a", "b", "a"], model_store="/srv/mar")
+    hosts = listener_hosts(props)
+    assert hosts == {"inference_address": "172.18.0.5", "metrics_address": "172.18.0.5",
+                     "management_address": "127.0.0.1", **dict.fromkeys(GRPC_ADDRESS_KEYS, "127.0.0.1")}
+    assert props["inference_address"].endswith(":8080")
+    assert props["metrics_address"].endswith(":8082")
+    assert props["load_models"] == "a=a.mar,b=b.mar"
+    assert (props["model_store"], props["allowed_urls"]) == ("/srv/mar", "file:///srv/mar/.*")
+    v6 = render_config.render(shipped, bind="fd00::5", models=["a"])
+    assert v6["inference_address"] == "http://[fd00::5]:8080"
+    for wildcard in ("0.0.0.0", "::"):
+        with pytest.raises(ValueError, match="wildcard"):
+            render_config.render(shipped, bind=wildcard, models=["a"])
+    with pytest.raises(ValueError, match="IP address"):
+        render_config.render(shipped, bind="eth0", models=["a"])
+    with pytest.raises(ValueError, match="GNWS_TORCHSERVE_MODELS"):
+        render_config.render(shipped, bind="172.18.0.5", models=[])
+    with pytest.raises(ValueError, match="must stay on the loopback"):
+        render_config.render({**shipped, "management_address": "http://10.0.0.1:8081"}, bind="10.0.0.1",
+                             models=["a"])
+
+
+def test_default_bind_address_is_an_address_of_this_machine() -> None:
+    """Without TS_BIND_ADDRESS the entry point binds to this machine's (the container's) own address."""
+    chosen = render_config.bind_address({})
+    assert not ipaddress.ip_address(chosen).is_unspecified
+    local = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs}
+    assert chosen in local, f"{chosen} is not an address of any interface here: {sorted(local)}"
+    assert render_config.bind_address({"TS_BIND_ADDRESS": "10.1.2.3"}) == "10.1.2.3"
+    with pytest.raises(ValueError, match="wildcard"):
+        render_config.bind_address({"TS_BIND_ADDRESS": "0.0.0.0"})
+
+
+def test_render_config_cli_as_the_entrypoint_calls_it(tmp_path: Path) -> None:
+    out = tmp_path / "effective.properties"
+    script = REPO / "docker" / "torchserve" / "render_config.py"
+    env = {**os.environ, "TS_BIND_ADDRESS": "127.0.0.1"}
+    subprocess.run([sys.executable, str(script), "--template", str(SHIPPED_CONFIG), "--model-store", str(tmp_path),
+                    "--out", str(out), "m1", "m2"], check=True, env=env, capture_output=True, timeout=60)
+    props = read_properties(out)
+    assert props["load_models"] == "m1=m1.mar,m2=m2.mar"
+    assert set(listener_hosts(props).values()) == {"127.0.0.1"}
+    env.update(TS_BIND_ADDRESS="0.0.0.0", TS_CONFIG_FILE=str(SHIPPED_CONFIG))  # the image sets TS_CONFIG_FILE
+    bad = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "no.properties"), "m1"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert "wildcard" in bad.stderr
+    assert not (tmp_path / "no.properties").exists()
+    entrypoint = (REPO / "docker" / "torchserve" / "entrypoint.sh").read_text()
+    assert 'render_config.py" --template' in entrypoint
+    assert '--ts-config "$effective"' in entrypoint
 
 
 @pytest.mark.parametrize("script", ["docker/entrypoint.sh", "docker/torchserve/entrypoint.sh",

@@ -1,46 +1,59 @@
 """Start and stop a real TorchServe for tests: loopback only, isolated temp folders, bounded waits.
 
-TorchServe keeps its pid file in ``$TMPDIR/.model_server.pid``, its Java temp files (worker
-sockets, unpacked archives) in ``$TEMP``, its logs in ``$LOG_LOCATION`` and the token file
-``key_file.json`` in its working directory: all four point into the test's own folder, so parallel
-runs and other TorchServes on the machine are never touched.
+The config is the shipped ``config.properties`` rendered by the container entry point's own code
+(``docker/torchserve/render_config.py``) with 127.0.0.1 as the bind address and exactly the models
+asked for; only the ports are then moved to free ones. TorchServe keeps its pid file in
+``$TMPDIR/.model_server.pid``, its Java temp files (worker sockets, unpacked archives) in ``$TEMP``,
+its logs in ``$LOG_LOCATION`` and the token file ``key_file.json`` in its working directory: all
+four point into the test's own folder, so parallel runs and other TorchServes are never touched.
+Keys are read from ``key_file.json`` on every use and renewed with the API key once expired.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, closing, contextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
+from urllib.parse import urlsplit
 
 import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED_CONFIG = REPO / "docker" / "torchserve" / "config.properties"
-# Keys rewritten for the test: listeners (to free loopback ports) and the model store.
+TORCHSERVE_DIR = REPO / "docker" / "torchserve"
+SHIPPED_CONFIG = TORCHSERVE_DIR / "config.properties"
+# Keys rewritten for the test after rendering: the ports only (to free loopback ports).
 ADDRESS_KEYS = ("inference_address", "management_address", "metrics_address")
-GRPC_KEYS = ("grpc_inference", "grpc_management")
+GRPC_PORT_KEYS = ("grpc_inference_port", "grpc_management_port")
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
+TOKEN_REFUSED = "Token Authorization failed"
 
 
-def read_properties(path: Path) -> dict[str, str]:
-    """``key=value`` lines of a Java properties file (comments and blank lines skipped)."""
-    props: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "!")):
-            key, _, value = line.partition("=")
-            props[key.strip()] = value.strip()
-    return props
+def load_render_config() -> ModuleType:
+    """``docker/torchserve/render_config.py``, as the entry point and the health check import it."""
+    spec = importlib.util.spec_from_file_location("render_config", TORCHSERVE_DIR / "render_config.py")
+    if spec is None or spec.loader is None:
+        raise ImportError("cannot load docker/torchserve/render_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+render_config = load_render_config()
+read_properties = render_config.read_properties
 
 
 def free_loopback_ports(n: int) -> list[int]:
@@ -52,22 +65,44 @@ def free_loopback_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
+def key_expired(entry: Mapping[str, str]) -> bool:
+    """Whether a ``key_file.json`` entry's ``expiration time`` (a Java ``Instant``) has passed."""
+    text = re.sub(r"(\.\d{6})\d+", r"\1", entry["expiration time"]).replace("Z", "+00:00")
+    return datetime.fromisoformat(text) <= datetime.now(UTC)
+
+
+def current_key(key_file: Path, management_url: str, kind: str) -> str:
+    """The ``inference`` or ``management`` key in ``key_file``, renewed with the API key once expired."""
+    keys = json.loads(key_file.read_text())
+    if kind == "API" or not key_expired(keys[kind]):
+        return keys[kind]["key"]
+    r = httpx.get(f"{management_url}/token", params={"type": kind},
+                  headers={"Authorization": f"Bearer {keys['API']['key']}"}, timeout=10.0)
+    r.raise_for_status()
+    return json.loads(key_file.read_text())[kind]["key"]
+
+
 @dataclass(frozen=True)
 class TorchServe:
-    """A running TorchServe: loopback URLs and the tokens from its ``key_file.json``."""
+    """A running TorchServe: its loopback URLs, the config it runs with, current keys on demand."""
 
     root: Path
+    config: Path
     inference_url: str
     management_url: str
     metrics_url: str
-    inference_token: str
-    management_token: str
     pid: int
     stop: Callable[[], list[str]] = field(repr=False)
 
+    @property
+    def key_file(self) -> Path:
+        return self.root / "key_file.json"
+
+    def key(self, kind: str = "inference") -> str:
+        return current_key(self.key_file, self.management_url, kind)
+
     def auth(self, kind: str = "inference") -> dict[str, str]:
-        token = self.inference_token if kind == "inference" else self.management_token
-        return {"Authorization": f"Bearer {token}"}
+        return {"Authorization": f"Bearer {self.key(kind)}"}
 
     def logs(self, limit: int = 6000) -> str:
         """The tail of every TorchServe log (for assertion messages)."""
@@ -78,55 +113,59 @@ class TorchServe:
         return "\n".join(parts)
 
 
-def write_config(root: Path, model_store: Path) -> tuple[Path, dict[str, int]]:
-    """The shipped config.properties with listeners moved to free loopback ports and the store moved."""
-    props = read_properties(SHIPPED_CONFIG)
-    ports = dict(zip((*ADDRESS_KEYS, *GRPC_KEYS), free_loopback_ports(5), strict=True))
-    for key in ADDRESS_KEYS:
-        props[key] = f"http://127.0.0.1:{ports[key]}"
-    for key in GRPC_KEYS:
-        props[f"{key}_address"] = "127.0.0.1"
-        props[f"{key}_port"] = str(ports[key])
-    props["model_store"] = str(model_store)
-    props["allowed_urls"] = props["allowed_urls"].replace("/home/model-server/model-store", str(model_store))
+def write_config(root: Path, model_store: Path, models: Sequence[str],
+                 overrides: Mapping[str, str] | None = None) -> Path:
+    """The shipped config rendered as the entry point renders it (bind address 127.0.0.1, exactly
+    ``models``, this model store), then only its ports moved to free loopback ports."""
+    props = render_config.render(read_properties(SHIPPED_CONFIG), bind="127.0.0.1", models=models,
+                                 model_store=str(model_store))
+    ports = free_loopback_ports(len(ADDRESS_KEYS) + len(GRPC_PORT_KEYS))
+    for key, port in zip(ADDRESS_KEYS, ports, strict=False):
+        url = urlsplit(props[key])
+        props[key] = f"{url.scheme}://{url.hostname}:{port}"
+    for key, port in zip(GRPC_PORT_KEYS, ports[len(ADDRESS_KEYS):], strict=True):
+        props[key] = str(port)
+    props.update(overrides or {})
     path = root / "config.properties"
-    path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
-    return path, ports
+    path.write_text(render_config.format_properties(props))
+    return path
 
 
-def _models_ready(management_url: str, token: str) -> str | None:
-    """``None`` when every registered model has all its workers READY, else what is missing."""
+def _models_ready(management_url: str, token: str, models: Sequence[str]) -> str | None:
+    """``None`` when each of ``models`` is registered with all its workers READY, else what is missing."""
     headers = {"Authorization": f"Bearer {token}"}
-    models = httpx.get(f"{management_url}/models", headers=headers, timeout=5.0).json()["models"]
-    if not models:
-        return "no models registered"
-    for m in models:
-        (desc,) = httpx.get(f"{management_url}/models/{m['modelName']}", headers=headers, timeout=5.0).json()
+    registered = {m["modelName"] for m in httpx.get(f"{management_url}/models", headers=headers,
+                                                      timeout=5.0).json()["models"]}
+    for name in models:
+        if name not in registered:
+            return f"{name} not registered (yet)"
+        (desc,) = httpx.get(f"{management_url}/models/{name}", headers=headers, timeout=5.0).json()
         states = [w["status"] for w in desc["workers"]]
         if not states or any(s != "READY" for s in states):
-            return f"{m['modelName']} workers {states}"
+            return f"{name} workers {states}"
     return None
 
 
-def _wait_ready(proc: subprocess.Popen, urls: dict[str, str], key_file: Path, deadline: float) -> dict:
+def _wait_ready(proc: subprocess.Popen, urls: dict[str, str], key_file: Path, models: Sequence[str],
+                deadline: float) -> None:
     """Poll (bounded by ``deadline``) until ``/ping`` says Healthy and every model's workers are READY.
 
     ``/ping`` answers Healthy while workers are still loading, hence the management check. Both need
-    tokens, so this waits for ``key_file.json`` first; returns its keys.
+    keys, so this waits for ``key_file.json`` first.
     """
     last = "no answer yet"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"torchserve exited with status {proc.returncode} before it was ready")
         try:
-            keys = json.loads(key_file.read_text())
-            r = httpx.get(f"{urls['inference']}/ping", headers={"Authorization": f"Bearer {keys['inference']['key']}"},
-                          timeout=5.0)
+            token = current_key(key_file, urls["management"], "inference")
+            r = httpx.get(f"{urls['inference']}/ping", headers={"Authorization": f"Bearer {token}"}, timeout=5.0)
             last = f"/ping: {r.status_code} {r.text.strip()}"
             if r.status_code == 200 and r.json().get("status") == "Healthy":
-                missing = _models_ready(urls["management"], keys["management"]["key"])
+                missing = _models_ready(urls["management"], current_key(key_file, urls["management"], "management"),
+                                        models)
                 if missing is None:
-                    return keys
+                    return
                 last = missing
         except (OSError, ValueError, KeyError) as exc:  # key file not written yet, or a partial answer
             last = repr(exc)
@@ -137,12 +176,18 @@ def _wait_ready(proc: subprocess.Popen, urls: dict[str, str], key_file: Path, de
 
 
 @contextmanager
-def run_torchserve(root: Path, model_store: Path) -> Iterator[TorchServe]:
-    """Start TorchServe (foreground, config snapshots off) in ``root``; stop it and every worker after."""
+def run_torchserve(root: Path, model_store: Path, models: Sequence[str],
+                   overrides: Mapping[str, str] | None = None) -> Iterator[TorchServe]:
+    """Start TorchServe (foreground, config snapshots off) in ``root`` serving ``models`` (``NAME.mar`` in
+    ``model_store``); stop it and every worker after. ``overrides`` replace config keys (tests only)."""
     torchserve = Path(sys.executable).with_name("torchserve")
     if not torchserve.is_file():
         raise FileNotFoundError(f"{torchserve} is missing: pip install -e '.[dev]' (TorchServe is in the dev extra)")
-    config, ports = write_config(root, model_store)
+    if not java_available():
+        raise FileNotFoundError("TorchServe needs Java 11+ (`java` on PATH or JAVA_HOME); "
+                                "scripts/setup-system.sh installs openjdk-17-jre-headless as root")
+    config = write_config(root, model_store, models, overrides)
+    props = read_properties(config)
     for sub in ("tmp", "logs"):
         (root / sub).mkdir(exist_ok=True)
     env = {
@@ -167,16 +212,15 @@ def run_torchserve(root: Path, model_store: Path) -> Iterator[TorchServe]:
         return stopped[0]
 
     try:
-        urls = {kind: f"http://127.0.0.1:{ports[f'{kind}_address']}" for kind in ("inference", "management", "metrics")}
-        keys = _wait_ready(proc, urls, key_file, time.monotonic() + START_TIMEOUT_S)
+        urls = {kind: props[f"{kind}_address"] for kind in ("inference", "management", "metrics")}
+        _wait_ready(proc, urls, key_file, models, time.monotonic() + START_TIMEOUT_S)
         java = next(p for p in psutil.Process(proc.pid).children() if "java" in p.name())
         yield TorchServe(
             root=root,
+            config=config,
             inference_url=urls["inference"],
             management_url=urls["management"],
             metrics_url=urls["metrics"],
-            inference_token=keys["inference"]["key"],
-            management_token=keys["management"]["key"],
             pid=java.pid,
             stop=stop,
         )

@@ -165,10 +165,47 @@ def test_compose_services_and_profiles() -> None:
     assert train["environment"]["GNWS_MODEL_STORE"] == api["environment"]["GNWS_MODEL_STORE"]
     loadtest = services["loadtest"]
     assert loadtest["depends_on"] == {"api": {"condition": "service_healthy"}}
-    assert loadtest["entrypoint"] == ["python", "-m", "loadtest"]
+    assert loadtest["entrypoint"][-1] == "loadtest"
+    assert loadtest["entrypoint"][2].endswith('exec python -m loadtest "$$@"')
     assert "./loadtest:/app/loadtest:ro" in loadtest["volumes"]
     assert (REPO / "loadtest" / "locustfile.py").is_file()
     assert "--out=/reports" in loadtest["command"]
+
+
+def test_loadtest_reports_are_writable_by_default() -> None:
+    """Reports default to a named volume, which Docker fills from the image's /reports: owned by the uid the
+    service runs as. A bind mount (created by Docker as root) would not be writable by uid 10001."""
+    loadtest = COMPOSE["services"]["loadtest"]
+    reports = next(v for v in loadtest["volumes"] if v.endswith(":/reports"))
+    assert reports == "${GNWS_LOADTEST_REPORTS:-gnws-loadtest}:/reports"
+    assert COMPOSE["volumes"]["gnws-loadtest"] == {"name": "gnws-loadtest"}
+    assert loadtest["user"] == "${GNWS_UID:-10001}:${GNWS_GID:-10001}"
+    stage = stages(DOCKERFILES["cpu"])["loadtest"]
+    run = " ".join(rest for word, rest in stage if word == "RUN")
+    assert "mkdir /reports" in run
+    assert "chown gnws:gnws /reports" in run
+    assert "--uid 10001" in run
+    assert ("VOLUME", '["/reports"]') in stage
+    users = [rest for word, rest in stage if word == "USER"]
+    assert users[-1] == "10001:10001"
+
+
+def test_loadtest_entrypoint_explains_an_unwritable_reports_folder(tmp_path: Path) -> None:
+    """The compose entrypoint's shell, as the container runs it (compose turns $$ into $), with /reports moved."""
+    script = COMPOSE["services"]["loadtest"]["entrypoint"][2].replace("$$", "$")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def run(reports: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sh", "-c", script.replace("/reports", str(reports)), "loadtest", "--help"],
+                              env=env, capture_output=True, text=True, timeout=60)
+
+    missing = run(tmp_path / "not-there")  # not writable, whoever runs this (root included)
+    assert missing.returncode == 2
+    assert "cannot write the reports folder" in missing.stderr
+    assert "GNWS_UID=$(id -u)" in missing.stderr
+    ok = run(tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "--out" in ok.stdout
 
 
 LISTENER_KEYS = ("inference_address", "management_address", "metrics_address")

@@ -46,6 +46,7 @@ BATCH_SIZE = 4
 MAX_BATCH_DELAY_MS = 400
 IMAGE_IDS = ("000000005001", "000000025603")  # both 640x480: one forward pass when batched
 HEALTHCHECK = REPO / "docker" / "torchserve" / "healthcheck.py"
+KEYS = REPO / "docker" / "torchserve" / "keys.py"
 # Keys of the short-lived server expire this many minutes after they are issued.
 SHORT_EXPIRY_MIN = 0.1
 
@@ -238,12 +239,36 @@ def test_listens_on_the_rendered_explicit_addresses_only(server: TorchServe) -> 
     assert ips == {"127.0.0.1"}, listening
 
 
-def run_healthcheck(server: TorchServe, config: Path | None = None,
-                    key_file: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """The torchserve image's HEALTHCHECK command, pointed at this server's config and key file."""
+def run_script(script: Path, server: TorchServe, *args: str, config: Path | None = None,
+               key_file: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """A script of the torchserve image (``python /opt/gnws/torchserve/...``), pointed at this server."""
     env = {**os.environ, "GNWS_TS_EFFECTIVE_CONFIG": str(config or server.config),
            "GNWS_TS_KEY_FILE": str(key_file or server.key_file)}
-    return subprocess.run([sys.executable, str(HEALTHCHECK)], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def run_healthcheck(server: TorchServe, **kwargs: Path) -> subprocess.CompletedProcess[str]:
+    """The torchserve image's HEALTHCHECK command."""
+    return run_script(HEALTHCHECK, server, **kwargs)
+
+
+def ping(server: TorchServe, key: str) -> httpx.Response:
+    return httpx.get(f"{server.inference_url}/ping", headers={"Authorization": f"Bearer {key}"}, timeout=30.0)
+
+
+def test_keys_script_prints_and_renews_the_inference_key(server: TorchServe) -> None:
+    """What docs/containers.md tells clients to run (`docker compose exec torchserve python .../keys.py`)."""
+    old = json.loads(server.key_file.read_text())["inference"]["key"]
+    current = run_script(KEYS, server, "inference")
+    assert current.returncode == 0, current.stderr
+    assert current.stdout.strip() == old, "an unexpired key is printed as it is"
+    renewed = run_script(KEYS, server, "inference", "--renew")
+    assert renewed.returncode == 0, renewed.stderr
+    new = renewed.stdout.strip()
+    assert new not in ("", old)
+    assert json.loads(server.key_file.read_text())["inference"]["key"] == new
+    assert ping(server, new).json()["status"] == "Healthy"
+    assert TOKEN_REFUSED in ping(server, old).text
 
 
 def test_container_healthcheck_script(server: TorchServe, tmp_path: Path) -> None:
@@ -283,6 +308,10 @@ def test_health_survives_key_expiry_and_stop_is_clean(tmp_path: Path, archives: 
         renewed = json.loads(ts.key_file.read_text())
         assert renewed["management"]["key"] != keys["management"]["key"]
         assert renewed["inference"] == keys["inference"], "the health check never renews the clients' key"
+        assert TOKEN_REFUSED in ping(ts, keys["inference"]["key"]).text
+        fresh = run_script(KEYS, ts, "inference")  # an expired key is renewed when asked for
+        assert fresh.returncode == 0, fresh.stderr
+        assert ping(ts, fresh.stdout.strip()).json()["status"] == "Healthy"
 
         java = psutil.Process(ts.pid)
         workers = java.children(recursive=True)

@@ -16,8 +16,11 @@ Remaining deliberate differences from mmdetection 3.3 inference, with their meas
    rows are permuted by the converter, so the softmax is identical. The regression and mask
    layers gain an unused all-zero background slot. Effect: none (same softmax terms).
 2. **NMS kernel.** ``torchvision.ops.nms`` instead of mmcv's; both CPU kernels rank by score and
-   suppress when ``inter / (a1 + a2 - inter) > thr`` with no +1, so the only possible effect is
-   the order of exactly equal scores.
+   suppress when ``inter / (a1 + a2 - inter) > thr`` with no +1, so on CPU the only possible
+   effect is the order of exactly equal scores. mmcv's CUDA kernel tests
+   ``inter > thr * (a1 + a2 - inter)`` without dividing, so on GPU a pair whose IoU is within
+   float rounding of the threshold (0.7 RPN, 0.5 R-CNN) can be kept by one and suppressed by the
+   other; not measured (no GPU fixture; the reference outputs are CPU runs).
 3. **Batching.** mmdetection pads a batch to its largest image, which changes GroupNorm
    statistics (mmdetection issue #8157). :class:`models.predictor.Predictor` only puts images
    whose padded shapes are equal into one forward pass (on CUDA; on CPU it runs image by image,
@@ -25,7 +28,12 @@ Remaining deliberate differences from mmdetection 3.3 inference, with their meas
    Effect: list calls equal one-by-one calls bit for bit on CPU (tested); a multi-image forward
    pass differs from single passes by float rounding only (measured on CPU: 1e-6 in P5, boxes
    ≤ 6e-4 px), unlike mmdetection's padding-dependent batch results.
-4. **Float rounding.** Standardising weights once (:func:`models.bake.bake`) instead of in every
+4. **Decoder.** Images are decoded with PIL (EXIF orientation applied with
+   ``ImageOps.exif_transpose``) instead of ``cv2.imread``. Effect: none on the reference images
+   (decoded pixels equal cv2's, max difference 0, and the ``input`` intermediate matches to
+   ≤ 1e-6). A PIL built against another libjpeg than OpenCV's could decode some JPEG pixels
+   one intensity level apart (≈ 0.017 after normalisation); not measured here.
+5. **Float rounding.** Standardising weights once (:func:`models.bake.bake`) instead of in every
    forward, and oneDNN vs mmcv kernels, change values by float rounding only: measured box
    differences stay ≲ 0.02 px and score differences ≲ 2e-4, mmdetection's own run-to-run noise
    (see ``../shared/reference/README.md``).

@@ -9,18 +9,21 @@ fails; a network error fails with one sentence naming the URL and how to supply 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import DownloadError
+from .errors import CheckpointError, DownloadError
 from .files import atomic_writer
-from .store import checkpoint_path, manual_download_hint
+from .store import checkpoint_path, manual_download_hint, verify_zoo_checkpoint
 from .zoo import URL_PREFIX, get_entry
 
 logger = logging.getLogger(__name__)
@@ -50,10 +53,26 @@ def download(url: str, dest: Path, *, sha256_prefix: str | None, progress: bool 
                 )
     except DownloadError:
         raise
-    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise DownloadError(f"could not download {url} ({reason})") from None
     return dest
+
+
+STALE_PARTIAL_S = 600
+
+
+def _remove_stale_partials(dest: Path) -> None:
+    """Delete partial files of earlier downloads of ``dest`` that a killed process left behind
+    (untouched for ``STALE_PARTIAL_S``, so a download running in another process is left alone)."""
+    if not dest.parent.is_dir():
+        return
+    now = time.time()
+    for part in dest.parent.glob(f".{dest.name}.*.part"):
+        with contextlib.suppress(OSError):
+            if now - part.stat().st_mtime > STALE_PARTIAL_S:
+                part.unlink()
+                logger.info("removed %s, left by an interrupted download", part)
 
 
 def zoo_url(name: str, mirror: str | None = None) -> str:
@@ -65,12 +84,22 @@ def zoo_url(name: str, mirror: str | None = None) -> str:
 
 
 def fetch(name: str, *, mirror: str | None = None, progress: bool = True, force: bool = False) -> Path:
-    """Fetch zoo checkpoint ``name`` into the cache (no-op when a verified copy is there)."""
+    """Fetch zoo checkpoint ``name`` into the cache (no download when a verified copy is there).
+
+    Raises:
+        DownloadError: the download failed or its checksum did not match.
+        CheckpointError: the cached file is not the published checkpoint (``force=True`` replaces it).
+    """
     entry = get_entry(name)
     dest = checkpoint_path(entry)
     if dest.is_file() and not force:
-        logger.info("%s already cached at %s", name, dest)
+        try:
+            verify_zoo_checkpoint(entry, dest)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc} (`gnws fetch {entry.key} --force` downloads it again)") from None
+        logger.info("%s already cached at %s (sha256 verified)", name, dest)
         return dest
+    _remove_stale_partials(dest)
     url = zoo_url(name, mirror)
     try:
         return download(url, dest, sha256_prefix=entry.sha256_prefix, progress=progress)

@@ -24,7 +24,6 @@ import torch
 from .config import COCO_CATEGORY_IDS, COCO_CLASSES, DetectorConfig
 from .detector import build_detector
 from .errors import CheckpointError, ConversionError
-from .zoo import ZOO
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +98,12 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_mmdet_checkpoint(path: str | Path) -> MMDetCheckpoint:
+def read_mmdet_checkpoint(path: str | Path, *, trusted_sha256_prefix: str | None = None) -> MMDetCheckpoint:
     """Read an mmdetection ``.pth`` safely.
 
-    ``torch.load(weights_only=True)`` first; only a file whose sha256 matches a published zoo
-    checkpoint may fall back to full unpickling (its ``meta`` can hold arbitrary objects).
+    ``torch.load(weights_only=True)`` first. Only the published zoo checkpoint of the model being
+    converted (its sha256 starts with ``trusted_sha256_prefix``) may fall back to full unpickling
+    (its ``meta`` can hold arbitrary objects); anything else must be a plain tensor checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -112,7 +112,7 @@ def read_mmdet_checkpoint(path: str | Path) -> MMDetCheckpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not any(sha.startswith(e.sha256_prefix) for e in ZOO.values()):
+        if not (trusted_sha256_prefix and sha.startswith(trusted_sha256_prefix)):
             raise CheckpointError(
                 f"{path} holds Python objects that are unsafe to load ({_first_line(exc)}); only published "
                 "zoo checkpoints (sha256-verified) are unpickled fully. Re-save it as a plain state_dict."
@@ -147,7 +147,7 @@ def _split_checkpoint(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], tu
     elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raw, meta = obj, {}
     else:
-        found = sorted(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+        found = sorted(map(str, obj))[:8] if isinstance(obj, Mapping) else type(obj).__name__
         raise CheckpointError(
             f"{path} is not an mmdetection checkpoint: expected a dict with 'state_dict' (and 'meta'), found {found}"
         )

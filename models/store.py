@@ -16,8 +16,8 @@ import torch
 
 from .bake import ModelInfo, baked, save_model
 from .detector import GNWSDetector, build_detector
-from .errors import WeightsNotFoundError
-from .mmdet_convert import config_for_checkpoint, convert_mmdet_state_dict, read_mmdet_checkpoint
+from .errors import CheckpointError, WeightsNotFoundError
+from .mmdet_convert import config_for_checkpoint, convert_mmdet_state_dict, file_sha256, read_mmdet_checkpoint
 from .zoo import ZOO, ZooEntry, get_entry
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def missing_weights_message(entry: ZooEntry) -> str:
 def convert_checkpoint(src: str | Path, model_name: str) -> tuple[GNWSDetector, ModelInfo]:
     """Convert an mmdetection ``.pth`` for zoo architecture ``model_name`` (not baked)."""
     entry = get_entry(model_name)
-    ckpt = read_mmdet_checkpoint(src)
+    ckpt = read_mmdet_checkpoint(src, trusted_sha256_prefix=entry.sha256_prefix)
     cfg = config_for_checkpoint(entry.config, ckpt)
     state = convert_mmdet_state_dict(ckpt.state_dict, cfg)
     with torch.device("meta"):  # skip random init: every tensor is assigned below
@@ -78,6 +78,21 @@ def convert_checkpoint(src: str | Path, model_name: str) -> tuple[GNWSDetector, 
     provenance = {"source": "mmdetection", "mmdet_config": entry.mmdet_config, "source_file": Path(src).name}
     info = ModelInfo(config=cfg, baked=False, zoo_key=entry.key, source_sha256=ckpt.sha256, provenance=provenance)
     return model.eval(), info
+
+
+def verify_zoo_checkpoint(entry: ZooEntry, path: Path) -> None:
+    """Check that ``path`` is the published checkpoint of ``entry`` (sha256 prefix of its file name).
+
+    Raises:
+        CheckpointError: another file (a different schedule's checkpoint, a partial download, ...).
+    """
+    digest = file_sha256(path)
+    if not digest.startswith(entry.sha256_prefix):
+        raise CheckpointError(
+            f"{path} is not the published {entry.key} checkpoint: its sha256 starts with "
+            f"{digest[:len(entry.sha256_prefix)]}, expected {entry.sha256_prefix}. Delete it and run "
+            f"`gnws fetch {entry.key}`, or place the file from {entry.url} there."
+        )
 
 
 def is_zoo_name(source: str | os.PathLike[str]) -> bool:
@@ -97,6 +112,7 @@ def ensure_baked_zoo_model(name: str) -> Path:
     ckpt = checkpoint_path(entry)
     if not ckpt.is_file():
         raise WeightsNotFoundError(missing_weights_message(entry))
+    verify_zoo_checkpoint(entry, ckpt)  # it may have been placed by hand
     logger.info("converting and baking %s into %s", ckpt, out)
     model, info = baked(*convert_checkpoint(ckpt, entry.key))
     save_model(model, out, info)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -112,6 +113,20 @@ def test_bad_files_give_clear_errors(tmp_path: Path, mmdet_checkpoint) -> None:
         convert_checkpoint(plain, FASTER_R50)
     with pytest.raises(CheckpointError, match="no checkpoint file"):
         read_mmdet_checkpoint(tmp_path / "missing.pth")
+    mixed = tmp_path / "mixed.pth"
+    torch.save({1: "one", "two": 2}, mixed)  # keys that do not sort together
+    with pytest.raises(CheckpointError, match="not an mmdetection checkpoint"):
+        read_mmdet_checkpoint(mixed)
+
+
+def test_only_the_named_models_published_file_is_unpickled_fully(tmp_path: Path) -> None:
+    """The unsafe-pickle fallback needs the sha256 prefix of the model being converted, not any zoo hash."""
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"meta": {"obj": Evil()}, "state_dict": {}}, pickled)
+    own_prefix = hashlib.sha256(pickled.read_bytes()).hexdigest()[:8]
+    with pytest.raises(CheckpointError, match="unsafe to load"):
+        read_mmdet_checkpoint(pickled, trusted_sha256_prefix=ZOO[FASTER_R50].sha256_prefix)
+    assert read_mmdet_checkpoint(pickled, trusted_sha256_prefix=own_prefix).state_dict == {}
 
 
 @pytest.mark.parametrize("kind", ["truncated", "garbage", "foreign"])

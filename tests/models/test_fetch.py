@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import os
@@ -9,13 +10,16 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from models.errors import DownloadError
+import models.fetch
+from models.errors import CheckpointError, DownloadError
 from models.fetch import download, fetch
+from models.store import checkpoint_path, ensure_baked_zoo_model
 from models.zoo import ZOO
 
 NAME = "faster_rcnn_r50_fpn_gn_ws-all_1x_coco"
@@ -88,6 +92,56 @@ def test_fetch_zoo_name_through_mirror(http_root, tmp_path: Path, monkeypatch: p
     with pytest.raises(DownloadError, match=f"expected {entry.sha256_prefix}"):
         fetch(NAME, mirror=base, progress=False)
     assert not any((tmp_path / "home").rglob("*.pth"))
+
+
+def test_fetch_by_name_caches_verifies_and_replaces(
+    http_root, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fetch(NAME)`` end to end, with a zoo entry whose published hash is that of a local payload:
+    download into GNWS_HOME, stale partials of killed downloads removed, the cached copy verified
+    on the next call (no download), a wrong cached file refused, ``force`` downloading it again."""
+    base, root = http_root
+    payload = os.urandom(2 * 1024 * 1024 + 5)
+    digest = hashlib.sha256(payload).hexdigest()
+    entry = dataclasses.replace(ZOO[NAME], date_hash=f"20200130-{digest[:8]}")
+    monkeypatch.setattr(models.fetch, "get_entry", lambda name: entry)
+    monkeypatch.setenv("GNWS_HOME", str(tmp_path / "home"))
+    served = root / entry.url.split("download.openmmlab.com/", 1)[1].replace("%2B", "+")
+    served.parent.mkdir(parents=True)
+    served.write_bytes(payload)
+    dest = checkpoint_path(entry)
+    dest.parent.mkdir(parents=True)
+    stale = dest.parent / f".{dest.name}.x1y2.part"
+    stale.write_bytes(b"half a download")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    fresh = dest.parent / f".{dest.name}.z3w4.part"  # another process downloading right now
+    fresh.write_bytes(b"in progress")
+
+    assert fetch(NAME, mirror=base, progress=False) == dest
+    assert dest.read_bytes() == payload
+    assert not stale.exists()
+    assert fresh.exists()
+
+    served.unlink()  # a second call must not download
+    assert fetch(NAME, mirror=base, progress=False) == dest
+
+    dest.write_bytes(b"a different file under the published name")
+    with pytest.raises(CheckpointError, match=f"expected {digest[:8]}.*--force"):
+        fetch(NAME, mirror=base, progress=False)
+    served.write_bytes(payload)
+    fetch(NAME, mirror=base, progress=False, force=True)
+    assert dest.read_bytes() == payload
+
+
+def test_a_hand_placed_wrong_checkpoint_is_not_converted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GNWS_HOME", str(tmp_path))
+    placed = checkpoint_path(ZOO[NAME])
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(b"the 2x checkpoint, say, copied under the 1x name")
+    expected = f"not the published {NAME} checkpoint.*expected {ZOO[NAME].sha256_prefix}"
+    with pytest.raises(CheckpointError, match=expected):
+        ensure_baked_zoo_model(NAME)
+    assert not list(tmp_path.rglob("*.safetensors"))  # nothing was baked from it
 
 
 def _gnws(*args: str, env_home: Path, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

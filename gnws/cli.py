@@ -1,7 +1,8 @@
 """The ``gnws`` command: one entry point dispatching to models, service and training commands.
 
-Domain errors (:class:`models.errors.GnwsError`, unknown zoo names) are printed as one sentence
-on stderr with exit status 2; no traceback.
+Domain errors (:class:`models.errors.GnwsError`, unknown zoo names included) and errors of the
+files the user named (``OSError``) are printed as one sentence on stderr with exit status 2; no
+traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -44,9 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (GnwsError, KeyError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"gnws {args.command}: error: {message}", file=sys.stderr)
+    except GnwsError as exc:
+        print(f"gnws {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # files and folders the user named: missing, unwritable, full disk, ...
+        print(f"gnws {args.command}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .bake import bake_file, baked, read_model_info, save_model
 from .draw import draw_detections
-from .errors import CheckpointError
+from .errors import CheckpointError, ImageDecodeError, UsageError
 from .fetch import fetch
 from .predictor import Predictor
 from .preprocess import decode_image
@@ -46,7 +46,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="detect objects in images; writes COCO results JSON")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    p.add_argument("--model", default=DEFAULT_DETECT_MODEL, help="zoo key (default: %(default)s)")
+    p.add_argument("--model", help=f"zoo key (default: {DEFAULT_DETECT_MODEL}; with an mmdetection .pth "
+                   "--checkpoint: its architecture)")
     p.add_argument("--checkpoint", type=Path, help="gnws .safetensors or mmdetection .pth instead of the zoo weights")
     p.add_argument("-o", "--output", type=Path, help="COCO results JSON (default: stdout)")
     p.add_argument("--draw", type=Path, help="image with detections drawn (first image; PNG or JPEG)")
@@ -108,9 +109,23 @@ def cmd_bake(args: argparse.Namespace) -> int:
     return 0
 
 
+DRAW_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    source = args.checkpoint if args.checkpoint else args.model
-    predictor = Predictor.load(source, device=args.device, model_name=args.model)
+    # Refuse unusable outputs before minutes of loading and inference.
+    if args.draw and args.draw.suffix.lower() not in DRAW_SUFFIXES:
+        raise UsageError(f"--draw {args.draw}: name a .png or .jpg file")
+    for out in (args.output, args.draw):
+        if out is not None and not out.parent.is_dir():
+            raise UsageError(f"{out}: the folder {out.parent} does not exist")
+    missing = [str(p) for p in args.images if not p.is_file()]
+    if missing:
+        raise ImageDecodeError(f"no image file at {', '.join(missing)}")
+    if args.checkpoint:
+        predictor = Predictor.load(args.checkpoint, device=args.device, model_name=args.model)
+    else:
+        predictor = Predictor.load(args.model or DEFAULT_DETECT_MODEL, device=args.device)
     results: list[dict[str, object]] = []
     all_dets = predictor.predict([str(p) for p in args.images])
     for image_id, (path, dets) in enumerate(zip(args.images, all_dets, strict=True)):

@@ -12,6 +12,13 @@ class GnwsError(Exception):
     """Base class of errors meant for the user, with a message that says how to fix them."""
 
 
+class UnknownModelNameError(GnwsError, KeyError):
+    """A name that is not a zoo key (the message names close matches). Still a ``KeyError``."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else type(self).__name__
+
+
 class WeightsNotFoundError(GnwsError, FileNotFoundError):
     """Weights for a model are not on disk (and could not or were not fetched)."""
 
@@ -26,6 +33,10 @@ class CheckpointError(GnwsError):
 
 class ConversionError(CheckpointError):
     """A checkpoint's keys or shapes do not map exactly onto the target model."""
+
+
+class UsageError(GnwsError):
+    """A command-line argument cannot be used (wrong file type, missing folder, ...)."""
 
 
 class ImageDecodeError(GnwsError, ValueError):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from .config import DetectorConfig
+from .errors import UnknownModelNameError
 
 URL_PREFIX = "https://download.openmmlab.com/"
 
@@ -99,13 +100,14 @@ DEFAULT_SEGMENT_MODEL = "mask_rcnn_r50_fpn_gn_ws-all_2x_coco"
 
 
 def get_entry(name: str) -> ZooEntry:
-    """Look a model up by its key; an unknown name raises ``KeyError`` naming close matches."""
+    """Look a model up by its key; an unknown name raises ``UnknownModelNameError`` (a ``KeyError``)
+    naming close matches."""
     try:
         return ZOO[name]
     except KeyError:
         close = difflib.get_close_matches(name, list(ZOO), n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown zoo model {name!r}.{hint} `gnws zoo` lists all {len(ZOO)}.") from None
+        raise UnknownModelNameError(f"unknown zoo model {name!r}.{hint} `gnws zoo` lists all {len(ZOO)}.") from None
 
 
 def with_classes(cfg: DetectorConfig, classes: tuple[str, ...], category_ids: tuple[int, ...]) -> DetectorConfig:

@@ -31,9 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (GnwsError, KeyError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        sys.stderr.write(f"training {args.command}: error: {message}\n")
+    except GnwsError as exc:
+        sys.stderr.write(f"training {args.command}: error: {exc}\n")
+        return 2
+    except OSError as exc:  # files and folders the user named: missing, unwritable, full disk, ...
+        detail = f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+        sys.stderr.write(f"training {args.command}: error: {detail}\n")
         return 2
 
 

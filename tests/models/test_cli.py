@@ -80,3 +80,21 @@ def test_predict_bad_image_is_one_sentence(tmp_path: Path, baked_model) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "not a recognised image" in proc.stderr
+
+
+def test_predict_refuses_unusable_outputs_before_loading(tmp_path: Path) -> None:
+    image = str(IMAGES / "000000404484.jpg")
+    cases = {
+        ("--draw", str(tmp_path / "out.gif")): "name a .png or .jpg file",
+        ("-o", str(tmp_path / "no" / "such" / "dir" / "r.json")): "does not exist",
+        ("--draw", str(tmp_path / "missing" / "d.png")): "does not exist",
+    }
+    for extra, message in cases.items():
+        # no weights under this GNWS_HOME: the output check must come first
+        proc = gnws("predict", image, *extra, home=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr
+        assert "Traceback" not in proc.stderr
+    proc = gnws("predict", str(tmp_path / "nope.jpg"), home=tmp_path)
+    assert proc.returncode == 2
+    assert "no image file at" in proc.stderr

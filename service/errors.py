@@ -9,6 +9,7 @@ under overload, 503 while not ready).
 from __future__ import annotations
 
 from models import CheckpointError, GnwsError, ImageDecodeError, ImageTooLargeError, WeightsNotFoundError
+from models.errors import UnknownModelNameError
 
 
 class ServiceError(GnwsError):
@@ -95,6 +96,7 @@ STATUS_BY_ERROR: dict[type[GnwsError], int] = {
     AuthenticationError: 401,
     ReloadDisabledError: 403,
     UnknownModelError: 404,
+    UnknownModelNameError: 404,
     WeightsNotFoundError: 404,
     UnsupportedMediaTypeError: 415,
     InvalidParameterError: 422,

@@ -302,3 +302,23 @@ def test_shell_scripts_parse_and_are_executable(script: str) -> None:
     assert path.stat().st_mode & 0o111, f"{script} is not executable"
     shell = "bash" if path.read_text().startswith("#!/usr/bin/env bash") else "sh"
     subprocess.run([shell, "-n", str(path)], check=True, timeout=30)
+
+
+def test_paths_named_in_container_files_and_docs_exist() -> None:
+    """Files the container files and their docs point at (e.g. hadolint.yaml naming a test) exist; paths under
+    /opt/gnws/torchserve/ are docker/torchserve/ copied into the image."""
+    sources = [*sorted((REPO / "docker").rglob("*")), REPO / "docker-compose.yml", REPO / "docs" / "containers.md",
+               REPO / "README.md", REPO / "scripts" / "lint-docker.sh", REPO / "scripts" / "setup-system.sh"]
+    named: set[tuple[str, Path]] = set()
+    for source in sources:
+        if not source.is_file() or source.suffix in {".mar", ".pyc"}:
+            continue
+        text = source.read_text()
+        for path in re.findall(r"\b((?:tests|scripts|docker)/[\w./-]+\.(?:py|sh|yaml|yml|properties))\b", text):
+            named.add((path, source))
+        for name in re.findall(r"/opt/gnws/torchserve/([\w.-]+\.(?:py|sh))", text):
+            named.add((f"docker/torchserve/{name}", source))
+    assert len(named) > 10
+    missing = sorted(f"{path} (named in {source.relative_to(REPO)})" for path, source in named
+                     if not (REPO / path).exists())
+    assert not missing, missing

@@ -170,7 +170,12 @@ def test_query_parameters_reach_the_handler(server: TorchServe, service) -> None
                      timeout=120.0, headers=headers)
     assert bad.status_code == 422, bad.text
     assert "Did you mean zebra?" in bad.json()["detail"]
-    # What docs/containers.md warns about: /predictions/NAME never passes its query string on.
+    # What docs/containers.md warns about: TorchServe parses a body sent with curl --data-binary's default type
+    # as a form and fails on it (500, before the handler); /predictions/NAME never passes its query string on.
+    as_form = httpx.post(f"{server.inference_url}/predictions/{MASK_R50}", content=body, timeout=120.0,
+                         headers={**server.auth(), "Content-Type": "application/x-www-form-urlencoded"})
+    assert as_form.status_code == 500, as_form.text
+    assert "DecoderException" in as_form.text
     ignored = httpx.post(f"{server.inference_url}/predictions/{MASK_R50}", params={"max_detections": "1"},
                          content=body, timeout=120.0, headers=headers)
     assert len(ignored.json()["images"][0]["detections"]) == len(detections)

@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 
+from models.allocator import tune_malloc
 from models.errors import GnwsError
 
 
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    tune_malloc()  # before any thread starts: forward passes reuse freed memory (models/allocator.py)
     try:
         return int(args.func(args) or 0)
     except GnwsError as exc:

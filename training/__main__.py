@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from models.allocator import tune_malloc
 from models.errors import GnwsError
 
 from .cli import add_commands
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=level, format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s", stream=sys.stderr
     )
+    tune_malloc()  # before any thread starts: forward passes reuse freed memory (models/allocator.py)
     try:
         return int(args.func(args) or 0)
     except GnwsError as exc:

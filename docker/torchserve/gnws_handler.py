@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from models import GnwsError, ImageDecodeError, ImageTooLargeError, Predictor, PreparedImage, RawDetections
+from models.allocator import tune_malloc
 from models.draw import draw_detections
 from models.preprocess import DEFAULT_MAX_PIXELS, decode_image
 
@@ -256,6 +257,7 @@ class GnwsHandler:
             raise GnwsError("the model archive has no serialized file; build it with `gnws archive NAME`")
         path = Path(props["model_dir"]) / serialized
         device = resolve_device(str(settings.get("device", "auto")), props.get("gpu_id"))
+        tune_malloc()  # forward passes reuse freed memory (models/allocator.py), as in `gnws serve`
         self.predictor = Predictor.load(
             path,
             device=device,

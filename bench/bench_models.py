@@ -6,11 +6,18 @@ eager vs torch.compile vs channels_last (fp32 vs bf16 on GPU), all measured in o
 Each row is the median wall time of a full forward pass (backbone, RPN, heads, post-processing)
 of GN+WS R-50 Faster R-CNN on one coco-tiny image at mmdetection's 800x1333 test scale
 (800x1216 padded), with the deterministic reference weights. Ratios are against the baked model.
+The process runs with gnws's glibc malloc settings (``models/allocator.py``), as ``gnws`` commands
+and the TorchServe handler do; one more row times the baked model in a child process without
+them (``GNWS_MALLOC_TUNING=0``), with its page faults per forward pass.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +27,7 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import IMAGES, machine_line, make_reference_checkpoint, markdown_table, median_ms, time_call  # noqa: E402
+from models.allocator import tune_malloc  # noqa: E402
 from models.bake import bake  # noqa: E402
 from models.predictor import Predictor  # noqa: E402
 from models.store import convert_checkpoint  # noqa: E402
@@ -34,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--image", default="000000010764")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile on CPU)")
+    parser.add_argument("--baked-only", action="store_true", help=argparse.SUPPRESS)  # the child process's job
     args = parser.parse_args(argv)
+    tuned = tune_malloc()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -52,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         return pred.model(images, [prepared])
 
     rows: list[tuple[str, list[float]]] = []
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     rows.append(("GN+WS baked (plain convs), fp32", time_call(lambda: run(baked), repeats=args.repeats, cuda=cuda)))
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / (args.repeats + 1)
+    if args.baked_only:
+        print(json.dumps({"median_ms": median_ms(rows[0][1]), "faults": faults, "tuned": tuned}))
+        return 0
+    untuned = _baked_without_malloc_tuning(args) if not cuda else None
     rows.append(("GN+WS on-the-fly WS (mmcv ConvWS2d), fp32",
                  time_call(lambda: run(unbaked), repeats=args.repeats, cuda=cuda)))
 
@@ -87,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("GN+WS baked, bf16 autocast", time_call(run_bf16, repeats=args.repeats, warmup=2, cuda=cuda)))
 
     base = median_ms(rows[0][1])
-    print(f"Machine: {machine_line()}; device {device}; image {args.image} "
+    print(f"Machine: {machine_line()}; glibc malloc tuning {'on' if tuned else 'unavailable'}; device {device}; "
+          f"image {args.image} "
           f"({prepared.ori_shape[1]}x{prepared.ori_shape[0]} -> {w}x{h}, padded "
           f"{prepared.pad_shape[1]}x{prepared.pad_shape[0]}); median of {args.repeats} runs\n")
     print(markdown_table(
@@ -96,7 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     ))
     ratio = median_ms(rows[1][1]) / base
     print(f"\nbaked is {ratio:.3f}x faster than on-the-fly WS (unbaked / baked time)")
+    if untuned is not None:
+        print(f"\nmalloc tuning: baked forward {base:.0f} ms with it ({faults:.0f} minor page faults per pass), "
+              f"{untuned['median_ms']:.0f} ms without ({untuned['faults']:.0f} faults per pass, child process): "
+              f"**{untuned['median_ms'] / base:.3f}x**")
     return 0
+
+
+def _baked_without_malloc_tuning(args: argparse.Namespace) -> dict[str, float]:
+    """The baked row again, in a child process running with glibc's default malloc settings."""
+    cmd = [sys.executable, __file__, "--baked-only", "--repeats", str(args.repeats), "--threads", str(args.threads),
+           "--device", args.device, "--image", args.image]
+    env = {**os.environ, "GNWS_MALLOC_TUNING": "0"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=3600).stdout
+    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return result
 
 
 if __name__ == "__main__":

@@ -142,6 +142,9 @@ def main() -> int:
     if args.requests < 1:
         parser.error("--requests must be at least 1")
     scale = tuple(int(v) for v in args.image_scale.split(",")) if args.image_scale else None
+    from models.allocator import tune_malloc
+
+    tune_malloc()  # the in-process predictor runs with the malloc settings `gnws serve` uses
     torch.set_num_threads(args.threads)
     weights = baked_weights(args.model, args.cache)
     image = args.image.read_bytes()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-# Allocate and free a 64 MB tensor (over glibc's largest mmap threshold) ten times, on a thread
+# Allocate and free a 64 MB tensor (over glibc's largest mmap threshold) 24 times, on a thread
 # other than the main one as the service's inference thread does; count minor page faults.
 PROBE = """
 import json, resource, threading
@@ -19,7 +19,7 @@ assert tune_malloc() == applied  # once per process
 import torch
 faults = []
 def work():
-    for _ in range(10):
+    for _ in range(24):
         before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
         t = torch.ones(16 * 1024 * 1024)  # 64 MB, every page touched
         del t
@@ -47,7 +47,7 @@ def test_tuned_processes_reuse_freed_memory_instead_of_faulting_it_in_again() ->
     assert tuned["applied"] is True
     pages = 64 * 1024 * 1024 // os.sysconf("SC_PAGE_SIZE")
     # glibc's default: every allocation is a fresh mmap whose pages fault in again
-    assert min(default["faults"][1:]) > pages // 4, default
-    # tuned: after the first allocation the memory is mostly reused (no new faults)
-    assert sorted(tuned["faults"][1:])[4] == 0, tuned
-    assert sum(tuned["faults"][1:]) < sum(default["faults"][1:]) / 4, (tuned, default)
+    assert min(default["faults"][12:]) > pages // 4, default
+    # tuned: the heap grows for the first few (measured: up to 8, while fragments settle), then the
+    # freed memory is reused with no new faults
+    assert max(tuned["faults"][12:]) == 0, tuned

@@ -261,11 +261,14 @@ class ModelRegistry:
             if candidate.suffix != MODEL_SUFFIX:
                 candidate = candidate.with_name(candidate.name + MODEL_SUFFIX)
             path = (candidate if candidate.is_absolute() else store / candidate).resolve()
-        except (ValueError, OSError) as exc:  # ".", "/", an embedded NUL byte, ...
-            raise ReloadSourceError(f"{text!r} is not a usable file name in the model store ({exc})") from None
-        if not path.is_relative_to(store):
-            raise ReloadSourceError(f"{text!r} is outside the model store {store}; reloads only read from the store")
-        if not path.is_file():
+            if not path.is_relative_to(store):
+                raise ReloadSourceError(
+                    f"{text!r} is outside the model store {store}; reloads only read from the store"
+                )
+            exists = path.is_file()
+        except (ValueError, OSError) as exc:  # ".", "/", an embedded NUL byte, a name too long, ...
+            raise ReloadSourceError(f"{text[:200]!r} is not a usable file name in the model store ({exc})") from None
+        if not exists:
             raise WeightsNotFoundError(
                 f"no model file {path.relative_to(store)} in the model store {store}; "
                 "export or bake one there first (`gnws bake`, training export)"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from service import create_app
-from tests.service.conftest import LiveServer, small_settings, start_server
+from tests.service.conftest import API_KEY, LiveServer, small_settings, start_server
 
 CHECKS = ",".join([
     "not_a_server_error",
@@ -46,6 +46,8 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(fuzz_server: L
         "--generation-database", "none",
         "--phases", "examples,coverage,fuzzing",
         "--no-color",
+        # with the API key, reloads get past authentication and their sources are fuzzed too
+        "--header", f"X-API-Key: {API_KEY}",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path, check=False)
     output = result.stdout + result.stderr

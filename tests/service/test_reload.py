@@ -49,6 +49,7 @@ def test_bad_checkpoints_are_refused_and_the_old_model_serves(
             ".": 400,
             "/": 400,
             "bad\x00name": 400,
+            "x" * 300: 400,  # longer than a file name may be
         }
         for source, status in cases.items():
             r = client.post(RELOAD, headers=AUTH, json={"source": source})
@@ -61,7 +62,7 @@ def test_bad_checkpoints_are_refused_and_the_old_model_serves(
         after = client.get("/v1/models").json()
         text = client.get("/metrics").text
     assert after == before  # nothing changed
-    assert metric_value(text, "gnws_model_reloads_total", {"model": FASTER_R50, "result": "failure"}) >= 8
+    assert metric_value(text, "gnws_model_reloads_total", {"model": FASTER_R50, "result": "failure"}) >= 9
     with server.client() as client:  # and the old model still answers
         r = client.post("/v1/detect", content=image_bytes(OTHER_SHAPE), headers={"Content-Type": "image/jpeg"})
     assert r.status_code == 200, r.text

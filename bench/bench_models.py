@@ -20,10 +20,12 @@ import resource
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import IMAGES, machine_line, make_reference_checkpoint, markdown_table, median_ms, time_call  # noqa: E402
@@ -33,6 +35,7 @@ from models.predictor import Predictor  # noqa: E402
 from models.store import convert_checkpoint  # noqa: E402
 
 STEM = "faster_rcnn_r50_fpn_gn_ws-all_1x_coco"
+WARMUP = 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,15 +65,27 @@ def main(argv: list[str] | None = None) -> int:
         return pred.model(images, [prepared])
 
     rows: list[tuple[str, list[float]]] = []
+    # Warm-up: the first passes grow the heap (and, untuned, every pass faults its memory in).
+    for _ in range(WARMUP):
+        run(baked)
+        if not args.baked_only:
+            run(unbaked)
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    rows.append(("GN+WS baked (plain convs), fp32", time_call(lambda: run(baked), repeats=args.repeats, cuda=cuda)))
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / (args.repeats + 1)
+    baked_s: list[float] = []
+    unbaked_s: list[float] = []
+    for _ in tqdm(range(args.repeats), desc="baked / on-the-fly WS", unit="pair", disable=args.baked_only):
+        baked_s += time_call(lambda: run(baked), repeats=1, warmup=0, cuda=cuda)
+        if args.baked_only:
+            continue
+        unbaked_s += time_call(lambda: run(unbaked), repeats=1, warmup=0, cuda=cuda)  # interleaved: drifts hit both
     if args.baked_only:
-        print(json.dumps({"median_ms": median_ms(rows[0][1]), "faults": faults, "tuned": tuned}))
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / args.repeats
+        print(json.dumps({"median_ms": median_ms(baked_s), "faults": faults, "tuned": tuned}))
         return 0
+    rows.append(("GN+WS baked (plain convs), fp32", baked_s))
+    rows.append(("GN+WS on-the-fly WS (mmcv ConvWS2d), fp32", unbaked_s))
     untuned = _baked_without_malloc_tuning(args) if not cuda else None
-    rows.append(("GN+WS on-the-fly WS (mmcv ConvWS2d), fp32",
-                 time_call(lambda: run(unbaked), repeats=args.repeats, cuda=cuda)))
+    tuned_faults = _baked_faults(run, baked) if tuned else float("nan")
 
     tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, min_size=800, max_size=1333).eval().to(device)
     h, w = prepared.img_shape
@@ -114,10 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     ratio = median_ms(rows[1][1]) / base
     print(f"\nbaked is {ratio:.3f}x faster than on-the-fly WS (unbaked / baked time)")
     if untuned is not None:
-        print(f"\nmalloc tuning: baked forward {base:.0f} ms with it ({faults:.0f} minor page faults per pass), "
+        print(f"\nmalloc tuning: baked forward {base:.0f} ms with it ({tuned_faults:.0f} minor page faults per pass), "
               f"{untuned['median_ms']:.0f} ms without ({untuned['faults']:.0f} faults per pass, child process): "
               f"**{untuned['median_ms'] / base:.3f}x**")
     return 0
+
+
+def _baked_faults(run: Callable[[Predictor], object], baked: Predictor) -> float:
+    """Minor page faults of two more baked passes, per pass."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(2):
+        run(baked)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 2
 
 
 def _baked_without_malloc_tuning(args: argparse.Namespace) -> dict[str, float]:

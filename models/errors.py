@@ -39,6 +39,10 @@ class UsageError(GnwsError):
     """A command-line argument cannot be used (wrong file type, missing folder, ...)."""
 
 
+class UnknownClassError(GnwsError, ValueError):
+    """A requested class is neither a class name nor a category id of the model."""
+
+
 class ImageDecodeError(GnwsError, ValueError):
     """Input bytes are not a decodable image."""
 

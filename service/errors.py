@@ -9,7 +9,7 @@ under overload, 503 while not ready).
 from __future__ import annotations
 
 from models import CheckpointError, GnwsError, ImageDecodeError, ImageTooLargeError, WeightsNotFoundError
-from models.errors import UnknownModelNameError
+from models.errors import UnknownClassError, UnknownModelNameError
 
 
 class ServiceError(GnwsError):
@@ -100,6 +100,7 @@ STATUS_BY_ERROR: dict[type[GnwsError], int] = {
     WeightsNotFoundError: 404,
     UnsupportedMediaTypeError: 415,
     InvalidParameterError: 422,
+    UnknownClassError: 422,
     CheckpointError: 422,
     UploadTimeoutError: 408,
     OverloadedError: 429,

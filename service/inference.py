@@ -9,7 +9,6 @@ before its body is read when its model's queue is already full.
 from __future__ import annotations
 
 import asyncio
-import difflib
 import io
 import logging
 import time
@@ -19,14 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import cv2
 import numpy as np
-import torch
 from starlette.requests import Request
 from starlette.responses import Response
 
-from models import Predictor, PreparedImage, RawDetections
+from models import Predictor, PreparedImage, RawDetections, selection
 from models.draw import draw_detections
+from models.errors import UnknownClassError
 from models.preprocess import decode_image
 
 from .errors import InvalidParameterError, OverloadedError, UploadTimeoutError
@@ -64,65 +62,10 @@ class _Prepared:
 
 def class_indices(predictor: Predictor, wanted: Sequence[str]) -> list[int] | None:
     """Label indices for ``classes`` given as names (any case) or COCO category ids; ``None`` for all."""
-    tokens = [t.strip() for item in wanted for t in item.split(",") if t.strip()]
-    if not tokens:
-        return None
-    by_name = {name.lower(): i for i, name in enumerate(predictor.classes)}
-    by_id = {str(cid): i for i, cid in enumerate(predictor.category_ids)}
-    indices: list[int] = []
-    for token in tokens:
-        index = by_id.get(token, by_name.get(token.lower()))
-        if index is None:
-            close = difflib.get_close_matches(token.lower(), list(by_name), n=3, cutoff=0.6)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise InvalidParameterError(
-                f"classes: {token!r} is neither a class name nor a category id of {predictor.name}.{hint} "
-                "GET /v1/models lists them."
-            )
-        indices.append(index)
-    return sorted(set(indices))
-
-
-def select(
-    raw: RawDetections,
-    *,
-    score_threshold: float | None,
-    labels: list[int] | None,
-    max_detections: int | None,
-    keep_masks: bool,
-) -> RawDetections:
-    """The detections passing the filters, in the predictor's order; ``max_detections`` keeps the best."""
-    keep = torch.ones(raw.scores.shape[0], dtype=torch.bool)
-    if score_threshold is not None:
-        keep &= raw.scores >= score_threshold
-    if labels is not None:
-        keep &= torch.isin(raw.labels, torch.tensor(labels, dtype=raw.labels.dtype))
-    idx = keep.nonzero().flatten()
-    if max_detections is not None and idx.numel() > max_detections:
-        best = torch.argsort(raw.scores[idx], descending=True, stable=True)[:max_detections]
-        idx = idx[best.sort().values]
-    masks = raw.masks[idx] if keep_masks and raw.masks is not None else None
-    return RawDetections(boxes=raw.boxes[idx], scores=raw.scores[idx], labels=raw.labels[idx], masks=masks)
-
-
-def mask_polygons(mask_hw: torch.Tensor) -> list[list[float]]:
-    """Outer outlines of a binary mask as flat ``[x1, y1, x2, y2, ...]`` lists (3+ points each).
-
-    A part too thin for a 3-point outline (a pixel, a one-pixel line) becomes its bounding rectangle,
-    so every non-empty mask has at least one polygon.
-    """
-    mask = np.ascontiguousarray(mask_hw.numpy().astype(np.uint8))
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    polygons: list[list[float]] = []
-    for contour in contours:
-        points = contour.reshape(-1, 2)
-        if len(points) >= 3:
-            polygons.append(points.reshape(-1).astype(float).tolist())
-        else:
-            x0, y0 = points.min(axis=0).tolist()
-            x1, y1 = (points.max(axis=0) + 1).tolist()
-            polygons.append([float(v) for v in (x0, y0, x1, y0, x1, y1, x0, y1)])
-    return polygons
+    try:
+        return selection.class_indices(predictor.classes, predictor.category_ids, wanted, model_name=predictor.name)
+    except UnknownClassError as exc:
+        raise InvalidParameterError(f"{exc} GET /v1/models lists them.") from None
 
 
 class InferencePipeline:
@@ -237,12 +180,12 @@ class InferencePipeline:
     def _encode(
         predictor: Predictor, raw: RawDetections, labels: list[int] | None, params: InferenceParams, role: Role
     ) -> list[dict[str, Any]]:
-        chosen = select(raw, score_threshold=params.score_threshold, labels=labels,
-                        max_detections=params.max_detections, keep_masks=role == "segment")
+        chosen = selection.select_detections(raw, score_threshold=params.score_threshold, labels=labels,
+                                             max_detections=params.max_detections, keep_masks=role == "segment")
         detections: list[dict[str, Any]] = [dict(d) for d in predictor.encode(chosen)]
         if params.polygons and chosen.masks is not None:
             for det, mask in zip(detections, chosen.masks, strict=True):
-                det["polygons"] = mask_polygons(mask)
+                det["polygons"] = selection.mask_polygons(mask)
         return detections
 
     @staticmethod

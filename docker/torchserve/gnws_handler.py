@@ -17,9 +17,8 @@ only on ``POST /models/NAME/invoke`` (and the legacy ``/NAME/predict``); ``POST 
 drops it (``InferenceRequestHandler.handlePredictions`` parses no query). There, send the same
 names as multipart form fields next to the image (``-F file=@x.jpg -F score_threshold=0.3``).
 Either way they arrive as fields of the request row, as UTF-8 bytes; a repeated name arrives once
-(the last value), so give several classes as ``classes=person,car``. The filtering mirrors
-``service/inference.py`` (``select``, ``class_indices``, ``mask_polygons``); tests compare the two
-services' whole responses.
+(the last value), so give several classes as ``classes=person,car``. The filtering is the service's
+own (:mod:`models.selection`); tests compare the two services' whole responses.
 
 A TorchServe batch is one list of requests; a request that fails before inference gets its own
 4xx response (``context.set_response_status(..., idx)``) while the rest of the batch is answered
@@ -36,7 +35,6 @@ as functions.
 
 from __future__ import annotations
 
-import difflib
 import io
 import json
 import logging
@@ -46,13 +44,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 import torch
 
-from models import GnwsError, ImageDecodeError, ImageTooLargeError, Predictor, PreparedImage, RawDetections
+from models import GnwsError, ImageDecodeError, ImageTooLargeError, Predictor, PreparedImage, RawDetections, selection
 from models.allocator import tune_malloc
 from models.draw import draw_detections
+from models.errors import UnknownClassError
 from models.preprocess import DEFAULT_MAX_PIXELS, decode_image
 
 logger = logging.getLogger(__name__)
@@ -125,23 +122,13 @@ def class_indices(predictor: Predictor, text: str | None) -> list[int] | None:
     Raises:
         ValueError: a token is neither a class name nor a category id of the model (422).
     """
-    tokens = [t.strip() for t in (text or "").split(",") if t.strip()]
-    if not tokens:
-        return None
-    by_name = {name.lower(): i for i, name in enumerate(predictor.classes)}
-    by_id = {str(cid): i for i, cid in enumerate(predictor.category_ids)}
-    indices: list[int] = []
-    for token in tokens:
-        index = by_id.get(token, by_name.get(token.lower()))
-        if index is None:
-            close = difflib.get_close_matches(token.lower(), list(by_name), n=3, cutoff=0.6)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(
-                f"classes: {token!r} is neither a class name nor a category id of {predictor.name}.{hint} "
-                "The model's classes are its training classes (COCO's 80 for the zoo models)."
-            )
-        indices.append(index)
-    return sorted(set(indices))
+    try:
+        return selection.class_indices(predictor.classes, predictor.category_ids, [text or ""],
+                                       model_name=predictor.name)
+    except UnknownClassError as exc:
+        raise ValueError(
+            f"{exc} The model's classes are its training classes (COCO's 80 for the zoo models)."
+        ) from None
 
 
 def request_params(row: Mapping[str, Any], predictor: Predictor) -> dict[str, Any]:
@@ -170,38 +157,6 @@ def request_params(row: Mapping[str, Any], predictor: Predictor) -> dict[str, An
         "format": fmt,
         "polygons": polygons in TRUE_WORDS,
     }
-
-
-def select(raw: RawDetections, params: Mapping[str, Any], *, keep_masks: bool) -> RawDetections:
-    """The detections passing the filters, in the predictor's order; ``max_detections`` keeps the best."""
-    keep = torch.ones(raw.scores.shape[0], dtype=torch.bool)
-    if params["score_threshold"] is not None:
-        keep &= raw.scores >= params["score_threshold"]
-    if params["labels"] is not None:
-        keep &= torch.isin(raw.labels, torch.tensor(params["labels"], dtype=raw.labels.dtype))
-    idx = keep.nonzero().flatten()
-    max_detections = params["max_detections"]
-    if max_detections is not None and idx.numel() > max_detections:
-        best = torch.argsort(raw.scores[idx], descending=True, stable=True)[:max_detections]
-        idx = idx[best.sort().values]
-    masks = raw.masks[idx] if keep_masks and raw.masks is not None else None
-    return RawDetections(boxes=raw.boxes[idx], scores=raw.scores[idx], labels=raw.labels[idx], masks=masks)
-
-
-def mask_polygons(mask_hw: torch.Tensor) -> list[list[float]]:
-    """Outer outlines of a binary mask as flat ``[x1, y1, x2, y2, ...]`` lists, as the service gives them."""
-    mask = np.ascontiguousarray(mask_hw.numpy().astype(np.uint8))
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    polygons: list[list[float]] = []
-    for contour in contours:
-        points = contour.reshape(-1, 2)
-        if len(points) >= 3:
-            polygons.append(points.reshape(-1).astype(float).tolist())
-        else:
-            x0, y0 = points.min(axis=0).tolist()
-            x1, y1 = (points.max(axis=0) + 1).tolist()
-            polygons.append([float(v) for v in (x0, y0, x1, y0, x1, y1, x0, y1)])
-    return polygons
 
 
 def without_none(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -312,11 +267,12 @@ class GnwsHandler:
     def encode(self, raw: RawDetections, params: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The service's detections: filtered, COCO-encoded, masks only from a Mask R-CNN, polygons on request."""
         predictor = self._loaded()
-        chosen = select(raw, params, keep_masks=predictor.has_masks)
+        chosen = selection.select_detections(raw, score_threshold=params["score_threshold"], labels=params["labels"],
+                                             max_detections=params["max_detections"], keep_masks=predictor.has_masks)
         detections: list[dict[str, Any]] = [dict(d) for d in predictor.encode(chosen)]
         if params["polygons"] and chosen.masks is not None:
             for det, mask in zip(detections, chosen.masks, strict=True):
-                det["polygons"] = mask_polygons(mask)
+                det["polygons"] = selection.mask_polygons(mask)
         return detections
 
     def postprocess(self, items: Sequence[Mapping[str, Any]], raw: Sequence[RawDetections],

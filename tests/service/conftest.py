@@ -90,6 +90,9 @@ def wait_until_ready(url: str, timeout_s: float = READY_TIMEOUT_S) -> None:
 class FakePredictor:
     """Stands in for a loaded model; records the warm-up forward pass."""
 
+    name = "fake"
+    classes = ("thing",)
+    category_ids = (1,)
     has_masks = False
     device = "cpu"
     batched_forward = False

@@ -1,4 +1,10 @@
-"""Atomic file writes (temp file in the same folder, fsync, rename)."""
+"""Atomic file writes (temp file in the same folder, fsync, rename).
+
+Files get the permissions an ordinary ``open()`` would give them (``0666`` minus the process
+umask, so ``0644`` under the usual umask), not the ``0600`` of :func:`tempfile.mkstemp`: a model
+store or checkpoint cache filled by one user (an operator, a training job) must be readable by the
+service's user (the containers run as uid 10001).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -35,6 +42,18 @@ def atomic_writer(path: str | Path) -> Iterator[BinaryIO]:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _umask() -> int:
+    """The process umask: from ``/proc/self/status`` on Linux, else by setting it and straight back
+    (which, for that instant, is not thread-safe)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -97,10 +97,9 @@ def stop(proc: subprocess.Popen) -> None:
 
 def torchserve_rows(weights: Path, images: list[bytes], n: int, concurrency: int, threads: int,
                     scale: str | None) -> dict[str, float]:
-    from gnws.archive_cli import load_archive_module
-    from tests.docker.torchserve_runner import run_torchserve
+    from gnws.torchserve import archive
+    from tests.torchserve.torchserve_runner import run_torchserve
 
-    archive = load_archive_module()
     with tempfile.TemporaryDirectory(prefix="gnws-ts-bench-") as tmp:
         store = Path(tmp) / "store"
         settings = archive.ArchiveSettings(batch_size=BATCH, max_batch_delay_ms=DELAY_MS, device="cpu",

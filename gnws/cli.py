@@ -16,7 +16,12 @@ from models.errors import GnwsError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from loadtest import cli as loadtest_cli
     from models import cli as models_cli
+    from service import cli as service_cli
+    from training import cli as training_cli
+
+    from .torchserve import archive
 
     parser = argparse.ArgumentParser(
         prog="gnws",
@@ -24,15 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    models_cli.add_commands(sub)
-    for module in ("service.cli", "training.cli", "gnws.archive_cli", "loadtest.cli"):
-        try:
-            mod = __import__(module, fromlist=["add_commands"])
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.split(".")[0] in ("service", "training", "loadtest"):
-                continue  # that package is not built yet
-            raise
-        mod.add_commands(sub)
+    for module in (models_cli, service_cli, training_cli, archive, loadtest_cli):
+        module.add_commands(sub)
     return parser
 
 

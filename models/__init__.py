@@ -1,7 +1,8 @@
 """GN+WS Faster/Mask R-CNN: architectures, zoo, fetch/convert/bake and the predictor.
 
 Imports only torch, torchvision, numpy, pillow, opencv, safetensors, pycocotools, tqdm and the
-standard library (see ``../shared/STYLE.md``).
+standard library; the service, the transports and ``training/`` import this package, never the
+reverse. How each part reproduces mmdetection: docs/mmdetection-fidelity.md.
 """
 
 from .bake import ModelInfo, bake, bake_file, load_model, read_model_info, save_model

@@ -2,7 +2,8 @@
 
 Follows mmdetection's ``ResNet``/``ResNeXt`` (``style='pytorch'``: stride on the 3x3 conv) and
 ``FPN`` (``add_extra_convs=False``, no activation, P6 = ``max_pool2d(P5, 1, stride=2)``) with
-``conv_cfg=ConvWS`` and ``norm_cfg=GN(32)`` (``../shared/docs/mmdet-gnws-spec.md`` §3.1-3.2).
+``conv_cfg=ConvWS`` and ``norm_cfg=GN(32)`` (docs/mmdetection-fidelity.md, 'Backbone: ResNet and
+ResNeXt' and 'FPN'). GN is ``GroupNorm(32, C, eps=1e-5)`` after every conv (no conv bias there).
 torchvision's ``ResNet``/``BackboneWithFPN``/``FeaturePyramidNetwork`` have the same structure;
 only the norm layer (GroupNorm instead of FrozenBatchNorm) and the conv (WS) change.
 """

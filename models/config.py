@@ -1,8 +1,11 @@
 """Detector configuration and the COCO label space.
 
-Configs are frozen dataclasses (see ``../shared/STYLE.md``); variants are made with
-``dataclasses.replace``. A config is JSON-serialisable with :func:`config_to_json` /
-:func:`config_from_json` so it can travel in ``.safetensors`` metadata.
+Configs are frozen, keyword-only dataclasses (no registries, no config inheritance); variants are
+made with ``dataclasses.replace``. A config is JSON-serialisable with :func:`config_to_json` /
+:func:`config_from_json` so it can travel in ``.safetensors`` metadata. The defaults are
+mmdetection's GN+WS test settings (docs/mmdetection-fidelity.md, 'Test-time preprocessing' and
+'Test-time post-processing'); labels follow mmdetection's ``CocoDataset`` order ('Checkpoint
+conversion').
 """
 
 from __future__ import annotations

@@ -3,14 +3,15 @@
 Architecture (Qiao et al., arXiv:1903.10520; mmdetection ``configs/gn+ws``): GN+WS ResNet/ResNeXt
 + GN+WS FPN, RPN, Shared4Conv1FC box head with GN+WS convs, FCN mask head with GN+WS convs.
 Modules come from torchvision (``ResNet``, ``BackboneWithFPN``, ``RPNHead``,
-``FastRCNNConvFCHead``, ``MaskRCNNHeads`` and predictors); every part the spec shows to differ
-from mmdetection is replaced: image transform (:mod:`models.preprocess`), anchors
-(:mod:`models.anchors`), RoIAlign alignment and level mapping (:mod:`models.roi_extractor`),
+``FastRCNNConvFCHead``, ``MaskRCNNHeads`` and predictors); every part that differs from
+mmdetection (docs/mmdetection-fidelity.md) is replaced: image transform (:mod:`models.preprocess`),
+anchors (:mod:`models.anchors`), RoIAlign alignment and level mapping (:mod:`models.roi_extractor`),
 two-sided delta clamp and no small-box filters (:mod:`models.box_ops`, :mod:`models.heads`),
 class layout (:mod:`models.mmdet_convert`), mask pasting (:mod:`models.mask_paste`).
 
 Remaining deliberate differences from mmdetection 3.3 inference, with their measured effect
-(``tests/models/test_fidelity.py`` against ``../shared/reference``):
+(``tests/models/test_fidelity.py`` against ``tests/fixtures/reference``; docs/mmdetection-fidelity.md,
+'Known differences from mmdetection' and 'How fidelity is tested'):
 
 1. **Class layout.** The box classifier has background at index 0 (torchvision) instead of last;
    rows are permuted by the converter, so the softmax is identical. The regression and mask
@@ -36,7 +37,7 @@ Remaining deliberate differences from mmdetection 3.3 inference, with their meas
 5. **Float rounding.** Standardising weights once (:func:`models.bake.bake`) instead of in every
    forward, and oneDNN vs mmcv kernels, change values by float rounding only: measured box
    differences stay ≲ 0.02 px and score differences ≲ 2e-4, mmdetection's own run-to-run noise
-   (see ``../shared/reference/README.md``).
+   (docs/mmdetection-fidelity.md, 'How fidelity is tested').
 """
 
 from __future__ import annotations

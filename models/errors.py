@@ -27,12 +27,22 @@ class DownloadError(GnwsError):
     """A download failed (network, HTTP status) or its checksum did not match."""
 
 
+class ChecksumMismatchError(DownloadError):
+    """A download completed, but its sha256 is not the published one."""
+
+
 class CheckpointError(GnwsError):
     """A checkpoint file is unreadable, truncated, or not the expected kind of file."""
 
 
 class ConversionError(CheckpointError):
     """A checkpoint's keys or shapes do not map exactly onto the target model."""
+
+
+class ModelReferenceError(GnwsError, ValueError):
+    """A model reference that cannot be used where it was given: the wrong kind of reference
+    (an mmdetection ``.pth`` where only baked models are served, ...), a path outside the model
+    store where only the store may be read, or a name that is not a usable file name."""
 
 
 class UsageError(GnwsError):

@@ -17,14 +17,15 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import CheckpointError, DownloadError
+from .errors import CheckpointError, ChecksumMismatchError, DownloadError, WeightsNotFoundError
 from .files import atomic_writer
-from .store import checkpoint_path, manual_download_hint, verify_zoo_checkpoint
-from .zoo import URL_PREFIX, get_entry
+from .store import checkpoint_path, ensure_baked_zoo_model, manual_download_hint, store_path, verify_zoo_checkpoint
+from .zoo import URL_PREFIX, ZOO, get_entry
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def download(url: str, dest: Path, *, sha256_prefix: str | None, progress: bool 
                     bar.update(len(chunk))
             digest = h.hexdigest()
             if sha256_prefix and not digest.startswith(sha256_prefix):
-                raise DownloadError(
+                raise ChecksumMismatchError(
                     f"checksum mismatch for {url}: sha256 starts with {digest[:len(sha256_prefix)]}, "
                     f"expected {sha256_prefix}; the download was deleted. Try again or use another mirror."
                 )
@@ -103,7 +104,36 @@ def fetch(name: str, *, mirror: str | None = None, progress: bool = True, force:
     url = zoo_url(name, mirror)
     try:
         return download(url, dest, sha256_prefix=entry.sha256_prefix, progress=progress)
+    except ChecksumMismatchError:
+        raise  # the file arrived, and is not the published one: being offline is not the cause
     except DownloadError as exc:
-        if "checksum mismatch" in str(exc):
-            raise
         raise DownloadError(f"{exc}; this machine may be offline: {manual_download_hint(entry)}.") from None
+
+
+def prepare_zoo_models(names: Iterable[str], *, offline: bool, store: Path | None = None) -> list[Path]:
+    """Make sure every zoo model among ``names`` is baked in the model store: download its
+    checkpoint (sha256-checked) unless cached, then convert and bake it. Other names (model-store
+    names, files) are skipped. Returns the baked files.
+
+    Raises:
+        WeightsNotFoundError: ``offline`` and a zoo model is neither baked nor downloaded; the
+            message names the two places its weights may be put.
+        DownloadError: a download failed.
+    """
+    baked: list[Path] = []
+    for name in names:
+        entry = ZOO.get(name)
+        if entry is None:
+            continue
+        target = store_path(entry.key, store)
+        if not target.is_file() and not checkpoint_path(entry).is_file():
+            if offline:
+                raise WeightsNotFoundError(
+                    f"{entry.key} is not on this machine and offline mode (GNWS_OFFLINE) forbids downloading it: "
+                    f"put the baked model at {target}, or the published checkpoint ({entry.url}) at "
+                    f"{checkpoint_path(entry)}"
+                )
+            fetch(entry.key)
+        baked.append(ensure_baked_zoo_model(entry.key, store))
+        logger.info("%s: baked at %s", entry.key, baked[-1])
+    return baked

@@ -4,7 +4,8 @@ Modules (and so state-dict keys) are torchvision's: ``RPNHead``, ``FastRCNNConvF
 ``FastRCNNPredictor``, ``MaskRCNNHeads``, ``MaskRCNNPredictor``, with GN and WS convs where
 mmdetection's ``Shared4Conv1FCBBoxHead`` / ``FCNMaskHead`` have them. Inference follows
 mmdetection's ``RPNHead._predict_by_feat_single``, ``BBoxHead._predict_by_feat_single`` +
-``multiclass_nms`` and ``FCNMaskHead._predict_by_feat_single`` (spec §4.6-4.10). The class
+``multiclass_nms`` and ``FCNMaskHead._predict_by_feat_single`` (docs/mmdetection-fidelity.md, 'RPN head and
+anchors', 'RoI heads' and 'Test-time post-processing'). The class
 layout is torchvision's: background at index 0, class ``i`` at ``i + 1``.
 """
 

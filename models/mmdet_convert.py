@@ -1,16 +1,16 @@
 """Exact conversion of mmdetection GN+WS checkpoints to this project's state dict.
 
-Key mapping (``../shared/docs/mmdet-gnws-spec.md`` §3.4) is a fixed list of anchored rules, no
-heuristics: every source key must match exactly one rule, every target key must be filled, and
-shapes must be equal after the class-layout change, otherwise one :class:`ConversionError` lists
-every offender. Class layout: mmdetection puts background **last** in ``fc_cls`` (81) and has no
-background slot in ``fc_reg`` (320) or ``conv_logits`` (80); torchvision's heads put background
-at index 0, so ``fc_cls`` rows are rotated and zero background slots are inserted.
+Key mapping (docs/mmdetection-fidelity.md, 'Checkpoint conversion') is a fixed list of anchored
+rules, no heuristics: every source key must match exactly one rule, every target key must be
+filled, and shapes must be equal after the class-layout change, otherwise one
+:class:`ConversionError` lists every offender. Class layout: mmdetection puts background **last**
+in ``fc_cls`` (81) and has no background slot in ``fc_reg`` (320) or ``conv_logits`` (80);
+torchvision's heads put background at index 0, so ``fc_cls`` rows are rotated and zero background
+slots are inserted.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import re
@@ -24,6 +24,7 @@ import torch
 from .config import COCO_CATEGORY_IDS, COCO_CLASSES, DetectorConfig
 from .detector import build_detector
 from .errors import CheckpointError, ConversionError
+from .files import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +89,6 @@ class MMDetCheckpoint:
     classes: tuple[str, ...] | None
     sha256: str
     path: Path
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_mmdet_checkpoint(path: str | Path, *, trusted_sha256_prefix: str | None = None) -> MMDetCheckpoint:

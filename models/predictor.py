@@ -12,18 +12,16 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, TypedDict, overload
 
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 
-from .bake import ModelInfo, baked, load_model
+from .bake import ModelInfo
 from .detector import GNWSDetector
-from .errors import CheckpointError
 from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, PreparedImage, decode_image, prepare_image
-from .store import convert_checkpoint, ensure_baked_zoo_model, is_zoo_name
+from .resolve import ModelRef, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -93,39 +91,30 @@ class Predictor:
     @classmethod
     def load(
         cls,
-        source: str | os.PathLike[str],
+        source: str | os.PathLike[str] | ModelRef,
         *,
         device: str | torch.device = "auto",
         model_name: str | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         image_scale: tuple[int, int] | None = None,
     ) -> Predictor:
-        """Load a predictor from a zoo key, a gnws ``.safetensors`` file or an mmdetection ``.pth``.
+        """Load a predictor from a model reference (see :mod:`models.resolve`).
 
         Args:
-            source: zoo key (uses the model store / download cache), or a file path.
+            source: zoo key (baked into the model store from the download cache on first use),
+                model-store name, gnws ``.safetensors`` path, mmdetection ``.pth`` path (with
+                ``model_name``), or an already resolved :class:`~models.resolve.ModelRef`.
             device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
-            model_name: zoo architecture of an mmdetection ``.pth`` (required for ``.pth``).
+            model_name: the name shown to users (default: the reference's name); for an
+                mmdetection ``.pth``, its zoo architecture (required).
             max_pixels: pixel limit for decoded images.
             image_scale: ``(max_size, min_size)`` test scale instead of mmdetection's (1333, 800);
                 for fast tests and smoke runs only (results then differ from mmdetection's).
         """
         dev = resolve_device(device)
-        if is_zoo_name(source):
-            path = ensure_baked_zoo_model(str(source))
-            model, info = load_model(path)
-            name = str(source)
-        else:
-            path = Path(source)
-            if path.suffix == ".pth":
-                if model_name is None:
-                    raise CheckpointError(
-                        f"{path} is an mmdetection checkpoint: say which zoo architecture it is (--model NAME)"
-                    )
-                model, info = baked(*convert_checkpoint(path, model_name))
-            else:
-                model, info = load_model(path)
-            name = model_name or path.stem
+        ref = resolve_model(source, zoo_key=model_name)
+        model, info = ref.load()
+        name = model_name or ref.name
         if image_scale is not None:
             max_size, min_size = image_scale
             info = replace(info, config=replace(info.config, max_size=max_size, min_size=min_size))
@@ -143,11 +132,23 @@ class Predictor:
     def has_masks(self) -> bool:
         return self.info.config.has_mask
 
+    def decode(self, image: ImageInput) -> np.ndarray:
+        """Decode one image to RGB uint8 ``(H, W, 3)`` (EXIF applied), within ``max_pixels``.
+
+        Raises:
+            ImageDecodeError: not a complete image of a supported format.
+            ImageTooLargeError: more than ``max_pixels`` pixels (checked before decoding).
+        """
+        return decode_image(image, max_pixels=self.max_pixels)
+
+    def prepare_decoded(self, rgb_hwc: np.ndarray) -> PreparedImage:
+        """Resize, normalise and pad an image :meth:`decode` returned."""
+        cfg = self.info.config
+        return prepare_image(rgb_hwc, min_size=cfg.min_size, max_size=cfg.max_size, size_divisor=cfg.size_divisor)
+
     def prepare(self, image: ImageInput) -> PreparedImage:
         """Decode (EXIF applied), resize, normalise and pad one image."""
-        cfg = self.info.config
-        rgb = decode_image(image, max_pixels=self.max_pixels)
-        return prepare_image(rgb, min_size=cfg.min_size, max_size=cfg.max_size, size_divisor=cfg.size_divisor)
+        return self.prepare_decoded(self.decode(image))
 
     def infer(self, prepared: Sequence[PreparedImage]) -> list[RawDetections]:
         """Run the network on prepared images; results in input order.

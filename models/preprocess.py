@@ -1,11 +1,12 @@
 """Image decoding and mmdetection's test-time preprocessing.
 
 Reference: mmcv ``LoadImageFromFile`` + ``Resize(scale=(1333, 800), keep_ratio=True)``
-(``mmcv.imrescale``) + ``DetDataPreprocessor`` (``../shared/docs/mmdet-gnws-spec.md`` §4.1-4.3):
-decode to uint8 with EXIF orientation applied, resize the **uint8** image with OpenCV's
-``INTER_LINEAR`` to ``(int(w·s+0.5), int(h·s+0.5))`` with ``s = min(1333/long, 800/short)``, then
-normalise in RGB and zero-pad bottom/right to a multiple of 32. PIL decoding equals cv2's
-(measured: max difference 0 on coco-tiny); ``F.interpolate`` does not equal cv2's resize.
+(``mmcv.imrescale``) + ``DetDataPreprocessor`` (docs/mmdetection-fidelity.md, 'Test-time
+preprocessing'): decode to uint8 with EXIF orientation applied, resize the **uint8** image with
+OpenCV's ``INTER_LINEAR`` to ``(int(w·s+0.5), int(h·s+0.5))`` with ``s = min(1333/long, 800/short)``,
+then normalise in RGB (float32 ``(x - mean) / std``) and zero-pad bottom/right to a multiple of 32.
+PIL decoding equals cv2's (measured: max difference 0 on coco-tiny); ``F.interpolate`` does not
+equal cv2's resize.
 """
 
 from __future__ import annotations

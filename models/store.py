@@ -2,8 +2,17 @@
 
 ``GNWS_HOME`` (default ``$XDG_CACHE_HOME/gnws`` or ``~/.cache/gnws``) holds
 ``checkpoints/`` (zoo ``.pth`` files as published) and ``models/`` (the model store: converted
-and baked ``<name>.safetensors`` files that the service, TorchServe handler and CLI read).
+and baked ``.safetensors`` files that the service, TorchServe handler and CLI read).
 ``GNWS_MODEL_STORE`` moves the model store elsewhere (training jobs export there).
+
+The store holds two kinds of model:
+
+- plain files, ``<store>/<name>.safetensors`` (zoo models baked by ``gnws fetch --bake``, files
+  written by ``gnws bake``);
+- versioned models, ``<store>/<name>/<version>.safetensors`` with whole-number versions from 1
+  (``gnws export`` writes the next version and keeps the newest few), laid out like a Triton model
+  repository. The newest version is the model's current one; the service can watch for new versions
+  and roll back to older ones.
 """
 
 from __future__ import annotations
@@ -17,10 +26,13 @@ import torch
 from .bake import ModelInfo, baked, save_model
 from .detector import GNWSDetector, build_detector
 from .errors import CheckpointError, WeightsNotFoundError
-from .mmdet_convert import config_for_checkpoint, convert_mmdet_state_dict, file_sha256, read_mmdet_checkpoint
+from .files import file_sha256
+from .mmdet_convert import config_for_checkpoint, convert_mmdet_state_dict, read_mmdet_checkpoint
 from .zoo import ZOO, ZooEntry, get_entry
 
 logger = logging.getLogger(__name__)
+
+MODEL_SUFFIX = ".safetensors"
 
 
 def gnws_home() -> Path:
@@ -45,9 +57,49 @@ def checkpoint_path(entry: ZooEntry) -> Path:
     return checkpoint_dir() / entry.filename
 
 
-def store_path(name: str) -> Path:
-    """The model-store file for a model name."""
-    return model_store() / f"{name}.safetensors"
+def store_path(name: str, store: Path | None = None) -> Path:
+    """The model-store file for a model name (in ``store``, default :func:`model_store`)."""
+    return (store or model_store()) / f"{name}{MODEL_SUFFIX}"
+
+
+def versions_dir(name: str, store: Path | None = None) -> Path:
+    """The folder of a versioned model."""
+    return (store or model_store()) / name
+
+
+def version_path(name: str, version: int, store: Path | None = None) -> Path:
+    """The file of one version of a versioned model."""
+    return versions_dir(name, store) / f"{version}{MODEL_SUFFIX}"
+
+
+def list_versions(name: str, store: Path | None = None) -> list[int]:
+    """The versions of ``name`` in the store, oldest first (empty for a plain or missing model)."""
+    folder = versions_dir(name, store)
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.stem) for p in folder.glob(f"*{MODEL_SUFFIX}") if p.stem.isdigit() and int(p.stem) > 0)
+
+
+def latest_version(name: str, store: Path | None = None) -> int | None:
+    """The newest version of ``name``, ``None`` when it has none."""
+    versions = list_versions(name, store)
+    return versions[-1] if versions else None
+
+
+def next_version_path(name: str, store: Path | None = None) -> tuple[int, Path]:
+    """``(version, path)`` for a new version of ``name``: one past the newest (1 for the first)."""
+    version = (latest_version(name, store) or 0) + 1
+    return version, version_path(name, version, store)
+
+
+def prune_versions(name: str, keep: int, store: Path | None = None) -> list[int]:
+    """Delete all but the newest ``keep`` versions of ``name``; returns the versions removed."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    old = list_versions(name, store)[:-keep]
+    for version in old:
+        version_path(name, version, store).unlink(missing_ok=True)
+    return old
 
 
 def manual_download_hint(entry: ZooEntry) -> str:
@@ -99,14 +151,14 @@ def is_zoo_name(source: str | os.PathLike[str]) -> bool:
     return str(source) in ZOO
 
 
-def ensure_baked_zoo_model(name: str) -> Path:
+def ensure_baked_zoo_model(name: str, store: Path | None = None) -> Path:
     """The baked model-store file for a zoo model, converting the cached ``.pth`` if needed.
 
     Raises:
         WeightsNotFoundError: neither a baked file nor the zoo checkpoint is on disk.
     """
     entry = get_entry(name)
-    out = store_path(entry.key)
+    out = store_path(entry.key, store)
     if out.is_file():
         return out
     ckpt = checkpoint_path(entry)

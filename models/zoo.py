@@ -1,7 +1,7 @@
 """The 12 GN+WS COCO models of the mmdetection model zoo.
 
 Source: mmdetection ``configs/gn+ws/README.md`` and ``metafile.yml`` (v2.0 zoo); see
-``../shared/docs/mmdet-gnws-spec.md`` §1. Keys are the checkpoint stems and are never renamed.
+docs/mmdetection-fidelity.md, 'The model zoo'. Keys are the checkpoint stems and are never renamed.
 The checkpoint's file-name suffix is the first 8 hex digits of its sha256
 (``tools/model_converters/publish_model.py``), which :mod:`models.fetch` verifies.
 """

@@ -2,7 +2,7 @@
 # System packages the tests need (run by scripts/setup.sh, as root in CI). Idempotent and quick
 # when everything is already installed.
 #   chromium: the headless browser test of the service's web page (tests/service/test_web_page.py).
-#   java (openjdk-17-jre-headless): the real TorchServe tests (tests/docker/test_torchserve.py); without
+#   java (openjdk-17-jre-headless): the real TorchServe tests (tests/torchserve/test_torchserve.py); without
 #       it they skip on a developer machine and fail under CI (CI set).
 set -euo pipefail
 

@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 echo "== ruff"; ruff check .
-echo "== mypy"; mypy models service
+echo "== mypy"; mypy models service gnws
 echo "== import contracts"; lint-imports
 if [ -f scripts/lint-docker.sh ]; then echo "== docker lint"; bash scripts/lint-docker.sh; fi
 echo "== pytest"

@@ -10,26 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
-from pathlib import Path
 
 import cv2
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gnws.request import error_document, is_retryable, retry_after, status_for
+from gnws.request.errors import message_of
 from models import GnwsError, Predictor
+from models.resolve import ModelRef
 
 from .deps import ServiceState
-from .errors import ServiceError, is_retryable, status_for
 from .inference import InferencePipeline
+from .limits import IMAGE_PATHS, BodyLimitMiddleware
 from .metrics import HTTPMetricsMiddleware, Metrics
 from .registry import ModelRegistry
-from .routers import health, inference, models, web
+from .routers import health, inference, models, v2, web
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -44,13 +48,13 @@ def _set_threads(threads: int | None) -> None:
 
 
 def create_app(
-    settings: Settings | None = None, *, loader: Callable[[str | Path], Predictor] | None = None
+    settings: Settings | None = None, *, loader: Callable[[ModelRef], Predictor] | None = None
 ) -> FastAPI:
     """Build the service.
 
     Args:
         settings: default to the environment (``GNWS_*``).
-        loader: ``(zoo key or file) -> Predictor`` instead of :meth:`Predictor.load` (tests).
+        loader: ``(resolved model reference) -> Predictor`` instead of :meth:`Predictor.load` (tests).
     """
     settings = settings or Settings()
     metrics = Metrics(max_batch_size=settings.max_batch_size)
@@ -77,13 +81,17 @@ def create_app(
         resolved = registry.preflight()  # raises at once: missing weights, bad files, unknown names
         loading = asyncio.create_task(registry.load_all(resolved), name="gnws-load-models")
         loading.add_done_callback(_log_load_failure)
+        tasks = [loading]
+        if settings.watch_store_s:
+            tasks.append(asyncio.create_task(registry.watch_store(settings.watch_store_s), name="gnws-watch-store"))
         try:
             yield
         finally:
-            if not loading.done():
-                loading.cancel()
-                with suppress(asyncio.CancelledError, Exception):
-                    await loading
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+                    with suppress(asyncio.CancelledError, Exception):
+                        await task
             await registry.stop(grace_s=min(settings.request_timeout_s, 10.0))
             for executor in (infer_executor, load_executor, cpu_executor):
                 executor.shutdown(wait=False, cancel_futures=True)
@@ -91,19 +99,24 @@ def create_app(
     app = FastAPI(
         title="gnws detection service",
         version=API_VERSION,
-        description="GN+WS Faster/Mask R-CNN detections in COCO format (boxes, RLE masks).",
+        description="GN+WS Faster/Mask R-CNN detections in COCO format (boxes, RLE masks), and the same "
+        "detections over the Open Inference Protocol v2 (KServe v2 / Triton HTTP) under /v2.",
         lifespan=lifespan,
     )
     app.state.gnws = state
     app.include_router(inference.router)
     app.include_router(models.router)
+    app.include_router(v2.router)
     app.include_router(health.router)
     app.include_router(web.router)
     app.add_exception_handler(GnwsError, _domain_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected_error_handler)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"])
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_bytes, image_paths=IMAGE_PATHS)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)
     return app
 
@@ -114,9 +127,9 @@ def _log_load_failure(task: asyncio.Task[None]) -> None:
 
 
 async def _domain_error_handler(request: Request, exc: GnwsError) -> JSONResponse:
-    """The one place domain errors become HTTP statuses (table in :mod:`service.errors`)."""
+    """The one place domain errors become HTTP statuses (table in :mod:`gnws.request.errors`)."""
     status = status_for(exc)
-    message = str(exc.args[0]) if exc.args else type(exc).__name__
+    message = message_of(exc)
     headers: dict[str, str] = {}
     state: ServiceState = request.app.state.gnws
     if is_retryable(exc):
@@ -127,17 +140,36 @@ async def _domain_error_handler(request: Request, exc: GnwsError) -> JSONRespons
         logger.warning("%s %s -> %d: %s", request.method, request.url.path, status, message)
     else:
         logger.info("%s %s -> %d: %s", request.method, request.url.path, status, message)
-    return JSONResponse({"detail": message}, status_code=status, headers=headers)
+    return error_response(request, message, status, headers)
 
 
-def retry_after(exc: GnwsError, minimum_s: int) -> int:
-    """Whole seconds for ``Retry-After``: the error's own estimate, never below the configured minimum."""
-    estimate = exc.retry_after_s if isinstance(exc, ServiceError) else None
-    return max(minimum_s, math.ceil(estimate)) if estimate is not None else minimum_s
+def error_response(request: Request, message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error body of the route's protocol: ``{"error": ...}`` under ``/v2`` (Open Inference
+    Protocol), ``{"detail": ...}`` everywhere else."""
+    body = error_document(message, key="error" if is_oip_path(request.url.path) else "detail")
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def is_oip_path(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
+async def _http_error_handler(request: Request, exc: StarletteHTTPException) -> Response:
+    """Routing errors (404 no route, 405 wrong method) in the route's protocol's error shape."""
+    if not is_oip_path(request.url.path):
+        return await http_exception_handler(request, exc)
+    return error_response(request, str(exc.detail), exc.status_code, dict(exc.headers or {}))
+
+
+async def _validation_error_handler(request: Request, exc: RequestValidationError) -> Response:
+    """FastAPI's 422 for invalid path or query parameters; one sentence under ``/v2``."""
+    if not is_oip_path(request.url.path):
+        return await request_validation_exception_handler(request, exc)
+    problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return error_response(request, f"invalid request: {problems}", 422)
 
 
 async def _unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
     """A bug, not bad input: answered as JSON like every other error (Starlette's error middleware
     then re-raises it, so the server logs the traceback)."""
-    return JSONResponse({"detail": "internal server error; the request was not completed (see the server log)"},
-                        status_code=500)
+    return error_response(request, "internal server error; the request was not completed (see the server log)", 500)

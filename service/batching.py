@@ -9,7 +9,7 @@ thread. Images of other shapes keep their place in the line. A predictor whose
 ``batched_forward`` is off (the CPU default) would run a batch image by image anyway, so its
 images are taken one at a time, without the delay, and each gets its result when its own
 forward pass ends. The line is bounded: a full one refuses new images with
-:class:`~service.errors.OverloadedError` (429 + ``Retry-After``, estimated from the queue depth
+:class:`~gnws.request.errors.OverloadedError` (429 + ``Retry-After``, estimated from the queue depth
 and the recent forward-pass time per image).
 
 Each job carries the predictor it was prepared for, so a model reload (an atomic reference swap in
@@ -27,9 +27,9 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
+from gnws.request.errors import NotReadyError, OverloadedError, RequestTimeoutError
 from models import Predictor, PreparedImage, RawDetections
 
-from .errors import NotReadyError, OverloadedError, RequestTimeoutError
 from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -40,15 +40,13 @@ class BatchResult:
     """What one image got from the batcher.
 
     Attributes:
-        raw: network output for the image.
-        predictor: the predictor that produced it (the current one when the batch started).
+        raw: network output for the image (from the predictor the job was queued with).
         queue_s: time from submission to the start of its forward pass.
         inference_s: duration of the forward pass it was part of.
         batch_size: images in that forward pass.
     """
 
     raw: RawDetections
-    predictor: Predictor
     queue_s: float
     inference_s: float
     batch_size: int
@@ -265,6 +263,6 @@ class Batcher:
             self._metrics.stage_latency.labels(self.name, "inference").observe(inference_s)
             if not job.future.done():
                 job.future.set_result(
-                    BatchResult(raw=raw, predictor=predictor, queue_s=queue_s, inference_s=inference_s,
+                    BatchResult(raw=raw, queue_s=queue_s, inference_s=inference_s,
                                 batch_size=len(batch))
                 )

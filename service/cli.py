@@ -14,7 +14,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import ConfigurationError
+from gnws.request.errors import ConfigurationError
+
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ _FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--image-scale", {"help": "MAX,MIN test scale instead of 1333,800 (smoke tests only)"}),
     ("--model-store", {"type": Path, "help": "folder reloads read from (default: GNWS_MODEL_STORE or the cache)"}),
     ("--cors-origins", {"help": "comma-separated browser origins allowed to call the API"}),
+    ("--max-uploads", {"type": int, "help": "request bodies received at once (429 above)"}),
+    ("--watch-store-s", {"type": float, "metavar": "SECONDS",
+                         "help": "poll the model store and swap in new versions of served models"}),
+    ("--offline", {"action": argparse.BooleanOptionalAction,
+                   "help": "never download: stop, naming the missing file, when zoo weights are not here"}),
 )
 
 
@@ -78,14 +84,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from models.fetch import prepare_zoo_models
+
     from .app import create_app
     from .registry import resolve_startup_source
+    from .server import uvicorn_config
 
     settings = settings_from_args(args)
-    # Fail fast, before uvicorn starts (the lifespan repeats this check).
+    # Zoo models missing here are downloaded and baked first (never when offline: a missing one then
+    # stops the command, naming the file); then every source is checked before uvicorn starts
+    # (the lifespan repeats this check).
+    prepare_zoo_models(settings.model_sources(), offline=settings.offline, store=settings.model_store)
     for source in settings.model_sources():
         resolve_startup_source(source, settings.model_store)
     app = create_app(settings)
     logger.info("serving on http://%s:%d (docs at /docs, page at /)", settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=30)
+    uvicorn.Server(uvicorn_config(app, settings, log_level=args.log_level)).run()
     return 0
+
+

@@ -32,8 +32,10 @@ class Metrics:
             ``prepare`` (decode + resize), ``queue``, ``inference``, ``encode``.
         batch_size: ``gnws_batch_size{model}``: images per forward pass.
         queue_depth: ``gnws_queue_depth{model}``: images waiting for a forward pass.
-        in_flight: ``gnws_in_flight_requests``: inference requests being handled.
-        rejected: ``gnws_rejected_requests_total{reason}`` (queue_full, in_flight, timeout, not_ready).
+        in_flight: ``gnws_in_flight_requests``: inference requests being processed (bodies received).
+        uploads: ``gnws_uploads_in_progress``: request bodies being received.
+        rejected: ``gnws_rejected_requests_total{reason}`` (queue_full, in_flight, uploads, and timeout:
+            an upload too slow, or no result within the request timeout).
         model_loads: ``gnws_model_loads_total{model, result}`` (startup loads).
         model_reloads: ``gnws_model_reloads_total{model, result}`` (hot swaps).
         ready: ``gnws_ready``: 1 once every model is loaded and warmed.
@@ -59,7 +61,8 @@ class Metrics:
             "gnws_batch_size", "Images per forward pass", ["model"], buckets=batch_buckets, registry=r
         )
         self.queue_depth = Gauge("gnws_queue_depth", "Images waiting for a forward pass", ["model"], registry=r)
-        self.in_flight = Gauge("gnws_in_flight_requests", "Inference requests being handled", registry=r)
+        self.in_flight = Gauge("gnws_in_flight_requests", "Inference requests being processed", registry=r)
+        self.uploads = Gauge("gnws_uploads_in_progress", "Request bodies being received", registry=r)
         self.rejected = Counter("gnws_rejected_requests", "Requests refused under load", ["reason"], registry=r)
         self.model_loads = Counter("gnws_model_loads", "Model loads at startup", ["model", "result"], registry=r)
         self.model_reloads = Counter("gnws_model_reloads", "Model hot swaps", ["model", "result"], registry=r)

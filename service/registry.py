@@ -20,19 +20,27 @@ from typing import Literal
 
 import numpy as np
 
-from models import ZOO, CheckpointError, ModelInfo, Predictor, WeightsNotFoundError, get_entry, read_model_info
-from models.store import checkpoint_path, missing_weights_message
+from gnws.request.document import public_text
+from gnws.request.errors import (
+    ArchitectureMismatchError,
+    InvalidParameterError,
+    LoadFailedError,
+    NotReadyError,
+    ReloadFailedError,
+    UnknownModelError,
+)
+from gnws.request.params import Role
+from models import CheckpointError, ModelInfo, Predictor
+from models.resolve import BAKED_KINDS, ModelRef, resolve_model
+from models.store import latest_version, list_versions, version_path
 
 from .batching import Batcher
-from .errors import LoadFailedError, NotReadyError, ReloadFailedError, ReloadSourceError, UnknownModelError
 from .metrics import Metrics
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-Role = Literal["detect", "segment"]
 State = Literal["loading", "ready", "failed", "stopping"]
-MODEL_SUFFIX = ".safetensors"
 
 
 @dataclass(frozen=True)
@@ -42,27 +50,31 @@ class ServedModel:
     Attributes:
         name: served name (``?model=NAME``, ``/v1/models/NAME/reload``); fixed across reloads.
         predictor: the current predictor.
-        source: what it was loaded from (zoo key or file path).
+        ref: the resolved reference its weights came from.
         generation: 0 for the startup load, +1 per successful reload.
+        pinned: a reload asked for this version: the store watcher leaves the model alone.
         loaded_at: UNIX time of the load.
     """
 
     name: str
     predictor: Predictor
-    source: str
+    ref: ModelRef
     generation: int = 0
+    pinned: bool = False
     loaded_at: float = field(default_factory=time.time)
 
+    @property
+    def source(self) -> str:
+        """What clients are told the model was loaded from (never a server path)."""
+        return source_label(self.ref)
 
-@dataclass(frozen=True)
-class ResolvedSource:
-    """A model source resolved to what :meth:`Predictor.load` takes, plus the served name."""
-
-    name: str
-    load_from: str | Path
+    @property
+    def version(self) -> int | None:
+        """The model-store version of its weights (versioned models)."""
+        return self.ref.version
 
 
-def resolve_startup_source(source: str, store: Path) -> ResolvedSource:
+def resolve_startup_source(source: str, store: Path) -> ModelRef:
     """Resolve a configured model source: a zoo key, a model-store name, or a ``.safetensors`` path.
 
     Fails fast (no tensors read) with the message ``gnws fetch`` gives when zoo weights are missing.
@@ -70,34 +82,22 @@ def resolve_startup_source(source: str, store: Path) -> ResolvedSource:
     Raises:
         WeightsNotFoundError: zoo weights or the file are not on disk.
         CheckpointError: the file is not a gnws model.
-        KeyError: an unknown name (with close zoo matches).
+        ModelReferenceError: an mmdetection checkpoint (convert it first).
+        UnknownModelNameError: an unknown name (with close zoo matches; also a ``KeyError``).
     """
-    if source in ZOO:
-        stored = store / f"{source}{MODEL_SUFFIX}"
-        if stored.is_file():
-            read_model_info(stored)
-            return ResolvedSource(name=source, load_from=stored)
-        entry = get_entry(source)
-        if not checkpoint_path(entry).is_file():
-            raise WeightsNotFoundError(missing_weights_message(entry))
-        return ResolvedSource(name=source, load_from=source)  # converted and baked on load
-    path = Path(source).expanduser()
-    looks_like_path = path.suffix in (MODEL_SUFFIX, ".pth") or "/" in source
-    if not looks_like_path:
-        stored = store / f"{source}{MODEL_SUFFIX}"
-        if stored.is_file():
-            read_model_info(stored)
-            return ResolvedSource(name=source, load_from=stored)
-        get_entry(source)  # raises KeyError naming close zoo keys
-    if path.suffix != MODEL_SUFFIX:
-        raise CheckpointError(
-            f"{source} is not a gnws model file: serve a zoo key or a baked .safetensors "
-            "(convert mmdetection checkpoints first with `gnws bake SRC.pth --model NAME`)"
-        )
-    if not path.is_file():
-        raise WeightsNotFoundError(f"no model file at {path}; check the path or run `gnws bake` to make one")
-    read_model_info(path)
-    return ResolvedSource(name=path.stem, load_from=path)
+    ref = resolve_model(source, accept=BAKED_KINDS, store=store)
+    ref.read_info()
+    return ref
+
+
+def source_label(ref: ModelRef) -> str:
+    """What clients are told a model was loaded from, never a server path: the zoo key, the file
+    name inside the model store (``coco-ft/3.safetensors`` for a version), or the file's name."""
+    if ref.kind == "zoo":
+        return ref.name
+    if ref.kind == "store":
+        return f"{ref.name}/{ref.version}.safetensors" if ref.version is not None else f"{ref.name}.safetensors"
+    return ref.path.name
 
 
 def warm_up(predictor: Predictor) -> None:
@@ -115,7 +115,7 @@ class ModelRegistry:
         metrics: the app's metrics.
         infer_executor: where forward passes run.
         load_executor: where models load and warm up (not the inference thread, so serving goes on).
-        loader: ``(load_from) -> Predictor``; overridable in tests.
+        loader: ``(resolved reference) -> Predictor``; overridable in tests.
     """
 
     def __init__(
@@ -125,7 +125,7 @@ class ModelRegistry:
         *,
         infer_executor: Executor,
         load_executor: Executor,
-        loader: Callable[[str | Path], Predictor] | None = None,
+        loader: Callable[[ModelRef], Predictor] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -141,43 +141,43 @@ class ModelRegistry:
 
     # -- loading -------------------------------------------------------------------------------
 
-    def _default_loader(self, load_from: str | Path) -> Predictor:
+    def _default_loader(self, ref: ModelRef) -> Predictor:
         s = self.settings
-        predictor = Predictor.load(load_from, device=s.device, max_pixels=s.max_pixels, image_scale=s.image_scale)
+        predictor = Predictor.load(ref, device=s.device, max_pixels=s.max_pixels, image_scale=s.image_scale)
         if s.batched_forward is not None:
             predictor.batched_forward = s.batched_forward
         return predictor
 
-    def preflight(self) -> dict[str, ResolvedSource]:
+    def preflight(self) -> dict[str, ModelRef]:
         """Resolve every configured source without loading tensors; raises on the first problem."""
         return {source: resolve_startup_source(source, self.settings.model_store)
                 for source in self.settings.model_sources()}
 
-    def _load_and_warm(self, name: str, load_from: str | Path, *, warm: bool) -> Predictor:
+    def _load_and_warm(self, name: str, ref: ModelRef, *, warm: bool) -> Predictor:
         start = time.perf_counter()
-        predictor = self._loader(load_from)
+        predictor = self._loader(ref)
         if warm:
             warm_up(predictor)
-        logger.info("loaded %s from %s on %s in %.1f s", name, load_from, predictor.device, time.perf_counter() - start)
+        logger.info("loaded %s from %s on %s in %.1f s", name, ref.path, predictor.device, time.perf_counter() - start)
         return predictor
 
-    async def load_all(self, resolved: dict[str, ResolvedSource]) -> None:
+    async def load_all(self, resolved: dict[str, ModelRef]) -> None:
         """Load and warm every model (off the event loop), then mark the registry ready."""
         loop = asyncio.get_running_loop()
         s = self.settings
         for source, res in resolved.items():
             try:
                 predictor = await loop.run_in_executor(
-                    self._load_executor, partial(self._load_and_warm, res.name, res.load_from, warm=s.warmup)
+                    self._load_executor, partial(self._load_and_warm, res.name, res, warm=s.warmup)
                 )
             except Exception as exc:
                 self.metrics.model_loads.labels(res.name, "failure").inc()
                 self.state = "failed"
-                self.failure = f"loading {source} failed: {exc}"
+                self.failure = f"loading {source_label(res)} failed: {public_text(str(exc))}"
                 logger.exception("loading %s failed", source)
                 raise
             self.metrics.model_loads.labels(res.name, "success").inc()
-            self._models[res.name] = ServedModel(name=res.name, predictor=predictor, source=str(res.load_from))
+            self._models[res.name] = ServedModel(name=res.name, predictor=predictor, ref=res)
             batcher = Batcher(
                 res.name,
                 executor=self._infer_executor,
@@ -245,75 +245,153 @@ class ModelRegistry:
 
     # -- reload --------------------------------------------------------------------------------
 
-    def resolve_reload_source(self, name: str, source: str | None) -> Path:
-        """A file inside the model store for a reload (default: ``<store>/<name>.safetensors``).
+    def versions_of(self, served: ServedModel) -> list[int]:
+        """The versions in the store of a versioned model (empty for others)."""
+        if served.ref.kind != "store" or served.ref.version is None:
+            return []
+        return list_versions(served.ref.name, self.settings.model_store)
+
+    def resolve_reload_source(self, served: ServedModel, source: str | None, version: int | None) -> ModelRef:
+        """A file inside the model store for a reload.
+
+        Default: the served model's own entry in the store (its newest version, for a versioned model).
 
         Raises:
-            ReloadSourceError: the source is outside the store or not a ``.safetensors`` name.
+            ModelReferenceError: the source is outside the store or not a usable file name.
             WeightsNotFoundError: no such file in the store.
+            InvalidParameterError: ``version`` for a model that has no versions, or with ``source``.
         """
-        store = self.settings.model_store.expanduser().resolve()
-        text = (source or name).strip()
-        if not text:
-            raise ReloadSourceError("source is empty; give a zoo key or a file name inside the model store")
-        try:
-            candidate = Path(text)
-            if candidate.suffix != MODEL_SUFFIX:
-                candidate = candidate.with_name(candidate.name + MODEL_SUFFIX)
-            path = (candidate if candidate.is_absolute() else store / candidate).resolve()
-            if not path.is_relative_to(store):
-                raise ReloadSourceError(
-                    f"{text!r} is outside the model store {store}; reloads only read from the store"
+        if version is not None:
+            if source is not None:
+                raise InvalidParameterError("give source or version, not both")
+            if served.ref.kind != "store" or served.ref.version is None:
+                raise InvalidParameterError(
+                    f"{served.name} is not a versioned model-store model, so it has no version {version}"
                 )
-            exists = path.is_file()
-        except (ValueError, OSError) as exc:  # ".", "/", an embedded NUL byte, a name too long, ...
-            raise ReloadSourceError(f"{text[:200]!r} is not a usable file name in the model store ({exc})") from None
-        if not exists:
-            raise WeightsNotFoundError(
-                f"no model file {path.relative_to(store)} in the model store {store}; "
-                "export or bake one there first (`gnws bake`, training export)"
-            )
-        return path
+            source = f"{served.ref.name}/{version}"
+        default = served.ref.name if served.ref.kind in ("zoo", "store") else served.name
+        return resolve_model(source or default, store=self.settings.model_store, within_store=True)
 
-    async def reload(self, name: str, source: str | None = None) -> tuple[ServedModel, ServedModel]:
-        """Swap ``name`` to a checkpoint from the model store; on any failure the old model stays.
+    async def reload(
+        self, name: str, source: str | None = None, *, version: int | None = None, replace_architecture: bool = False
+    ) -> tuple[ServedModel, ServedModel]:
+        """Swap ``name`` to a file from the model store; on any failure the old model stays.
+
+        Args:
+            source: a model-store name or file name (default: the served model's own entry).
+            version: a version of the served versioned model (a rollback): pins it.
+            replace_architecture: allow a file of another architecture.
 
         Returns:
             ``(replaced, new)``: the model that served until the swap, and its successor.
 
         Raises:
-            UnknownModelError, ReloadSourceError, WeightsNotFoundError, CheckpointError (incl.
-            :class:`~service.errors.ReloadFailedError`).
+            UnknownModelError, ModelReferenceError, WeightsNotFoundError, ArchitectureMismatchError,
+            CheckpointError (incl. :class:`~gnws.request.errors.ReloadFailedError`).
         """
-        old = self.get(name, "detect")
+        self.get(name, "detect")
         async with self._reload_lock:
             old = self._models[name]
             try:
-                path = self.resolve_reload_source(name, source)
-                info = read_model_info(path)
-                self._check_compatible(old, info, path)
-                try:
-                    # Always warmed, whatever ``warmup`` says for startup: a checkpoint that loads but
-                    # cannot run a forward pass must be refused before it replaces a working model.
-                    predictor = await asyncio.get_running_loop().run_in_executor(
-                        self._load_executor, partial(self._load_and_warm, name, path, warm=True)
-                    )
-                except CheckpointError:
-                    raise
-                except Exception as exc:
-                    logger.exception("reloading %s from %s failed", name, path)
-                    raise ReloadFailedError(f"{path.name} could not be loaded and warmed up: {exc}") from None
+                ref = self.resolve_reload_source(old, source, version)
+                predictor = await self._load_checked(old, ref, replace_architecture=replace_architecture)
             except Exception:
                 self.metrics.model_reloads.labels(name, "failure").inc()
                 raise
-            new = ServedModel(name=name, predictor=predictor, source=str(path), generation=old.generation + 1)
-            self._models[name] = new  # the atomic swap
-            self.metrics.model_reloads.labels(name, "success").inc()
-            logger.info("reloaded %s from %s (generation %d)", name, path, new.generation)
-            return old, new
+            return old, self._swap(old, predictor, ref, pinned=version is not None)
 
-    def _check_compatible(self, old: ServedModel, info: ModelInfo, path: Path) -> None:
+    async def _load_checked(self, old: ServedModel, ref: ModelRef, *, replace_architecture: bool) -> Predictor:
+        """Load and warm ``ref`` for ``old``'s place, after checking it may take that place."""
+        info = ref.read_info()
+        if info is None:  # pragma: no cover - store files always exist here
+            raise CheckpointError(f"{ref.name} is not in the model store")
+        self._check_compatible(old, info, ref, replace_architecture=replace_architecture)
+        try:
+            # Always warmed, whatever ``warmup`` says for startup: a checkpoint that loads but
+            # cannot run a forward pass must be refused before it replaces a working model.
+            return await asyncio.get_running_loop().run_in_executor(
+                self._load_executor, partial(self._load_and_warm, old.name, ref, warm=True)
+            )
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            logger.exception("reloading %s from %s failed", old.name, ref.path)
+            raise ReloadFailedError(f"{source_label(ref)} could not be loaded and warmed up: {exc}") from None
+
+    def _swap(self, old: ServedModel, predictor: Predictor, ref: ModelRef, *, pinned: bool) -> ServedModel:
+        new = ServedModel(name=old.name, predictor=predictor, ref=ref, generation=old.generation + 1, pinned=pinned)
+        self._models[old.name] = new  # the atomic swap
+        self.metrics.model_reloads.labels(old.name, "success").inc()
+        logger.info("reloaded %s from %s (generation %d%s)", old.name, source_label(ref), new.generation,
+                    ", pinned" if pinned else "")
+        return new
+
+    def _check_compatible(
+        self, old: ServedModel, info: ModelInfo, ref: ModelRef, *, replace_architecture: bool
+    ) -> None:
         if "segment" in self.roles_of(old.name) and not info.config.has_mask:
             raise CheckpointError(
-                f"{path.name} has no mask head but {old.name} serves /v1/segment; reload it with a Mask R-CNN model"
+                f"{source_label(ref)} has no mask head but {old.name} serves /v1/segment; "
+                "reload it with a Mask R-CNN model"
             )
+        was, new = architecture(old.predictor.info), architecture(info)
+        if was != new and not replace_architecture:
+            raise ArchitectureMismatchError(
+                f"{source_label(ref)} is a {new} but {old.name} serves a {was}; send "
+                '"replace_architecture": true to replace the architecture behind this name'
+            )
+
+    # -- the store watcher -----------------------------------------------------------------------
+
+    async def watch_store(self, interval_s: float) -> None:
+        """Poll the model store every ``interval_s`` seconds and swap in new versions (runs until cancelled).
+
+        For each served versioned model that no reload pinned, a newer version than the one
+        serving is loaded, warmed up and swapped in, as Triton's POLL mode does; a file that
+        fails is refused (the old model keeps serving) and not tried again until it changes.
+        """
+        refused: dict[tuple[str, int], float] = {}  # (name, version) -> mtime of the refused file
+        while True:
+            await asyncio.sleep(interval_s)
+            if not self.ready:
+                continue
+            for served in list(self._models.values()):
+                try:
+                    await self._follow_newest(served, refused)
+                except Exception:  # one model's trouble must not stop watching the others
+                    logger.exception("watching the model store for %s failed", served.name)
+
+    async def _follow_newest(self, served: ServedModel, refused: dict[tuple[str, int], float]) -> None:
+        if served.pinned or served.ref.kind != "store" or served.ref.version is None:
+            return
+        newest = latest_version(served.ref.name, self.settings.model_store)
+        if newest is None or newest <= served.ref.version:
+            return
+        path = version_path(served.ref.name, newest, self.settings.model_store)
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return  # removed meanwhile
+        if refused.get((served.name, newest)) == mtime:
+            return
+        async with self._reload_lock:
+            current = self._models[served.name]
+            if current is not served:  # a reload got there first
+                return
+            try:
+                ref = resolve_model(f"{served.ref.name}/{newest}", store=self.settings.model_store, within_store=True)
+                predictor = await self._load_checked(current, ref, replace_architecture=False)
+            except Exception as exc:
+                refused[(served.name, newest)] = mtime
+                self.metrics.model_reloads.labels(served.name, "failure").inc()
+                logger.error("version %d of %s was refused, version %d keeps serving: %s",
+                             newest, served.name, served.ref.version, exc)
+                return
+            self._swap(current, predictor, ref, pinned=False)
+
+
+def architecture(info: ModelInfo) -> str:
+    """``mask_rcnn R-50``, ``faster_rcnn X-101-32x4d``, ...: what a reload may not change unasked."""
+    cfg = info.config
+    backbone = f"X-{cfg.depth}-{cfg.groups}x{cfg.width_per_group}d" if cfg.groups > 1 else f"R-{cfg.depth}"
+    return f"{cfg.arch} {backbone}"

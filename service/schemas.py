@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ErrorResponse(BaseModel):
@@ -64,14 +64,15 @@ class PublishedAP(BaseModel):
 
 
 class ModelSummary(BaseModel):
-    """Which model answered, and where its weights came from."""
+    """Which model answered, and where its weights came from (names and digests, never server paths)."""
 
     name: str
     arch: str
     zoo_key: str | None = None
     source_sha256: str | None = None
+    version: int | None = Field(default=None, description="model-store version of the weights (versioned models)")
     generation: int = Field(description="0 at startup, +1 per reload")
-    provenance: dict[str, Any]
+    provenance: dict[str, Any] = Field(description="where the weights came from (file paths shown as names)")
 
 
 class DetectResponse(BaseModel):
@@ -85,7 +86,9 @@ class ModelDetails(ModelSummary):
     baked: bool
     device: str
     image_scale: list[int] = Field(description="[max_size, min_size] of the test-time resize")
-    source: str = Field(description="file or zoo key it was loaded from")
+    source: str = Field(description="what it was loaded from: a zoo key or a file name in the model store")
+    versions: list[int] | None = Field(default=None, description="the versions in the store (versioned models)")
+    pinned: bool = Field(default=False, description="a reload chose this version: the store watcher leaves it")
     loaded_at: float = Field(description="UNIX time of the (re)load")
     published: PublishedAP | None = None
     classes: list[str]
@@ -96,14 +99,34 @@ class ModelsResponse(BaseModel):
     models: list[ModelDetails]
 
 
+# A zoo key or a model-store file name: runs of letters and digits joined by single ".", "_", "-" or "/"
+# (so no "..", no leading "/", nothing outside the store can be named).
+SOURCE_PATTERN = r"^[A-Za-z0-9]+(?:[._/-][A-Za-z0-9]+)*$"
+
+
 class ReloadRequest(BaseModel):
-    """Where to reload from: a zoo key or a ``.safetensors`` file name/path inside the model store."""
+    """What to reload from; every field is optional (``{}``: the served name's newest file in the store)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     source: str | None = Field(
         default=None,
-        max_length=1024,
-        description="default: <model store>/<name>.safetensors",
-        examples=["faster_rcnn_r50_fpn_gn_ws-all_1x_coco", "finetuned/faster_rcnn_r50_city.safetensors"],
+        min_length=1,
+        max_length=256,
+        pattern=SOURCE_PATTERN,
+        description="a zoo key, a model-store name (its newest version) or a .safetensors file name inside the "
+        "model store; default: the served name",
+        examples=["faster_rcnn_r50_fpn_gn_ws-all_1x_coco", "coco-ft", "coco-ft/2.safetensors"],
+    )
+    version: int | None = Field(
+        default=None,
+        ge=1,
+        description="a version of the served versioned model: a rollback (or roll-forward) to it. The store "
+        "watcher then keeps this version until a reload without `version`",
+    )
+    replace_architecture: bool = Field(
+        default=False,
+        description="allow a file of another architecture (e.g. a Mask R-CNN behind a Faster R-CNN name)",
     )
 
 

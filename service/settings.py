@@ -1,7 +1,8 @@
 """Service settings: environment variables ``GNWS_*``, overridden by ``gnws serve`` flags.
 
-pydantic-settings lives here only (``../shared/STYLE.md``); the rest of the service receives a
-:class:`Settings` instance through :func:`service.app.create_app`.
+pydantic-settings is used here only: the rest of the service receives a :class:`Settings`
+instance through :func:`service.app.create_app` (configuration is read in one place, and tests
+pass their own).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from models import DEFAULT_DETECT_MODEL, DEFAULT_SEGMENT_MODEL
 from models.preprocess import DEFAULT_MAX_PIXELS
 from models.store import model_store
+
+from .uploads import UploadLimits
 
 _DISABLED = {"", "none", "off", "-"}
 
@@ -34,15 +37,36 @@ class Settings(BaseSettings):
             only (see :class:`models.Predictor`); where it is off, every image gets its own
             forward pass and its result as soon as that pass ends.
         queue_size: images waiting per model before requests are refused with 429.
-        request_timeout_s: per-request limit on queueing + inference, then 503.
+        request_timeout_s: per-request limit on receiving the body (then 408), and again on
+            decoding, queueing and inference once it has arrived (then 503).
         max_upload_bytes: request-body limit (413 above it), enforced while reading.
         max_files: images per multipart request.
         max_pixels: decompression-bomb guard: decoded pixel count limit (413 above it).
-        max_in_flight: inference requests being read, decoded or waiting, all models together
-            (429 above it). Bounds memory: each request holds its upload (≤ ``max_upload_bytes``)
-            and, per image, the prepared float32 tensor (about 12 MB at 1333x800) plus, for
-            ``format=png|jpeg``, the decoded RGB image (3 bytes × ≤ ``max_pixels``).
+        max_in_flight: inference requests being decoded, waiting for or in a forward pass, or
+            encoded, all models together (429 above it). A request takes its place only once its
+            body has arrived. Bounds memory: per image, the prepared float32 tensor (about 12 MB
+            at 1333x800) plus, for ``format=png|jpeg``, the decoded RGB image (3 bytes × ≤
+            ``max_pixels``).
+        max_uploads: request bodies being received at once (429 above it); separate from
+            ``max_in_flight``, so slow senders cannot take the places of requests whose images
+            have arrived. Bounds memory at ``max_uploads × max_upload_bytes``.
+        upload_idle_timeout_s: longest pause while a body arrives (then 408).
+        upload_min_rate: least average bytes per second of an upload once
+            ``upload_idle_timeout_s`` has passed (then 408); 0 disables the check.
+        header_timeout_s: time a connection has to send its request line and headers (then a
+            JSON 408 and the connection closes); guards against clients that open connections
+            and send headers byte by byte.
+        max_connections: open connections and running requests uvicorn accepts (503 above it).
+        max_json_bytes: body limit of every route that takes no image (413 above it, checked
+            before the body is read).
         api_key: required for ``POST /v1/models/{name}/reload``; unset disables reloads.
+        metrics_need_key / models_need_key: also require the API key for ``GET /metrics`` /
+            for the model listings (``GET /v1/models``, the ``/v2`` model metadata).
+        watch_store_s: poll the model store this often and swap in new versions of served
+            versioned models (off by default; see :meth:`service.registry.ModelRegistry.watch_store`).
+        offline: never download: ``gnws serve`` stops at once, naming the missing file and how
+            to provide it, when zoo weights are not on this machine (otherwise it fetches them
+            before starting).
         host / port: where ``gnws serve`` listens (loopback unless told otherwise).
         image_scale: ``(max_size, min_size)`` test scale instead of (1333, 800); smoke tests only.
         model_store: folder reloads may read from (default: ``$GNWS_MODEL_STORE`` or the gnws cache).
@@ -69,7 +93,17 @@ class Settings(BaseSettings):
     max_files: int = Field(default=8, ge=1)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
     max_in_flight: int = Field(default=32, ge=1)
+    max_uploads: int = Field(default=64, ge=1)
+    upload_idle_timeout_s: float = Field(default=5.0, gt=0)
+    upload_min_rate: int = Field(default=16 * 1024, ge=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=1024, ge=1)
+    max_json_bytes: int = Field(default=64 * 1024, ge=1024)
     api_key: SecretStr | None = None
+    metrics_need_key: bool = False
+    models_need_key: bool = False
+    offline: bool = False
+    watch_store_s: float | None = Field(default=None, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     image_scale: Annotated[tuple[int, int] | None, NoDecode] = None
@@ -117,9 +151,20 @@ class Settings(BaseSettings):
             raise ValueError(f"image_scale is (max_size, min_size) with max ≥ min ≥ 32, got {self.image_scale}")
         if self.max_files > self.queue_size:
             raise ValueError(f"max_files ({self.max_files}) cannot exceed queue_size ({self.queue_size})")
+        if (self.metrics_need_key or self.models_need_key) and self.api_key is None:
+            raise ValueError("metrics_need_key and models_need_key need an API key (GNWS_API_KEY)")
         if not self.model_sources():
             raise ValueError("no model to serve: set GNWS_DETECT_MODEL, GNWS_SEGMENT_MODEL or GNWS_EXTRA_MODELS")
         return self
+
+    def upload_limits(self) -> UploadLimits:
+        """What an image upload may be (size, stalls, rate)."""
+        return UploadLimits(max_bytes=self.max_upload_bytes, idle_timeout_s=self.upload_idle_timeout_s,
+                            min_rate=self.upload_min_rate)
+
+    def json_limits(self) -> UploadLimits:
+        """What a JSON body (reload requests) may be."""
+        return UploadLimits(max_bytes=self.max_json_bytes, idle_timeout_s=self.upload_idle_timeout_s)
 
     def model_sources(self) -> list[str]:
         """Every model source to load, without duplicates, in a stable order."""

@@ -9,7 +9,7 @@
 set -eu
 models="${GNWS_TORCHSERVE_MODELS:-faster_rcnn_r50_fpn_gn_ws-all_1x_coco mask_rcnn_r50_fpn_gn_ws-all_2x_coco}"
 mar_store="${GNWS_MAR_STORE:-/home/model-server/model-store}"
-ts_dir="${GNWS_TORCHSERVE_DIR:-/opt/gnws/torchserve}"
+ts_dir=$(dirname "$0")  # render_config.py and the health check live beside this script
 effective="${GNWS_TS_EFFECTIVE_CONFIG:-/home/model-server/effective-config.properties}"
 mkdir -p "$mar_store" "${TEMP:-/tmp}"
 # shellcheck disable=SC2086  # word splitting of the model list is intended

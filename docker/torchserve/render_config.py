@@ -9,7 +9,8 @@ The shipped ``config.properties`` binds every listener to 127.0.0.1. This render
 * ``load_models`` names exactly the models to serve (``NAME=NAME.mar``), so an archive left in the
   model store by an earlier configuration (the ``gnws-mar`` volume outlives containers) is not served.
 
-Standard library only; the tests render their config with the same :func:`render`.
+Standard library plus the model-name rule of the installed package (:data:`gnws.torchserve.MODEL_NAME`,
+which imports nothing heavy); the tests render their config with the same :func:`render`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import argparse
 import ipaddress
 import logging
 import os
-import re
 import socket
 import sys
 import tempfile
@@ -26,13 +26,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from gnws.torchserve import MODEL_NAME
+
 logger = logging.getLogger("gnws.torchserve.render_config")
 
 # Listeners published outside the container; every other address must stay on the loopback.
 PUBLIC_KEYS = ("inference_address", "metrics_address")
 LOOPBACK_KEYS = ("management_address", "grpc_inference_address", "grpc_management_address")
-# TorchServe's model-name rule (the archive builder checks the same).
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
 # TEST-NET-1 (RFC 5737): connecting a UDP socket to it only picks a route, nothing is sent.
 _ROUTE_PROBE = ("192.0.2.1", 9)
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..deps import MetricsDep, RegistryDep, SettingsDep
+from ..deps import MetricsDep, MetricsReadDep, RegistryDep, SettingsDep
 from ..schemas import HealthResponse
 
 router = APIRouter(tags=["health"])
@@ -50,6 +50,6 @@ async def readyz(registry: RegistryDep, settings: SettingsDep) -> HealthResponse
     response_class=Response,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}},
 )
-async def metrics(m: MetricsDep) -> Response:
+async def metrics(m: MetricsDep, _auth: MetricsReadDep) -> Response:
     """Prometheus metrics."""
     return Response(content=m.render(), media_type=CONTENT_TYPE_LATEST)

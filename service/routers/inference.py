@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
+
+from gnws.request import MEDIA_TYPES, ImageFormat, RequestParams, Role, params
 
 from ..deps import PipelineDep
-from ..inference import ImageFormat, InferenceParams
+from ..inference import InferencePipeline
 from ..schemas import DetectResponse, ErrorResponse
+from ..uploads import read_uploads
 
 router = APIRouter(tags=["inference"])
 
@@ -44,15 +48,32 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "not ready, or the request timed out", "headers": _RETRY_AFTER},
 }
 
-ModelQ = Annotated[str | None, Query(max_length=256, description="served model name (default: the endpoint's)")]
-ScoreQ = Annotated[float | None, Query(ge=0.0, le=1.0, description="drop detections scoring below this")]
-MaxDetQ = Annotated[int | None, Query(ge=0, le=1000, description="keep at most this many (the best scoring)")]
-ClassesQ = Annotated[
-    list[str] | None,
-    Query(description="only these classes: names or COCO category ids, repeated or comma-separated"),
+ModelQ = Annotated[
+    str | None, Query(min_length=1, max_length=params.MODEL_NAME_MAX_LENGTH, description=params.DESCRIPTIONS["model"])
 ]
-FormatQ = Annotated[ImageFormat, Query(description="json, or png/jpeg for the image with detections drawn")]
-PolygonsQ = Annotated[bool, Query(description="also return mask outlines as polygons")]
+ScoreQ = Annotated[
+    float | None,
+    Query(ge=params.SCORE_THRESHOLD_MIN, le=params.SCORE_THRESHOLD_MAX,
+          description=params.DESCRIPTIONS["score_threshold"]),
+]
+MaxDetQ = Annotated[
+    int | None, Query(ge=0, le=params.MAX_DETECTIONS_LIMIT, description=params.DESCRIPTIONS["max_detections"])
+]
+ClassesQ = Annotated[list[str] | None, Query(description=params.DESCRIPTIONS["classes"])]
+FormatQ = Annotated[ImageFormat, Query(description=params.DESCRIPTIONS["format"])]
+PolygonsQ = Annotated[bool, Query(description=params.DESCRIPTIONS["polygons"])]
+
+
+async def answer(pipeline: InferencePipeline, request: Request, role: Role, query: RequestParams) -> Response:
+    """Run the request and answer with its JSON document, or the drawn image for ``format=png|jpeg``."""
+    served, bound = pipeline.check(role, query)
+    settings = pipeline.settings
+    uploads = await pipeline.receive(partial(read_uploads, request, settings.upload_limits(),
+                                             max_files=settings.max_files))
+    outcome = await pipeline.run(served, bound, uploads)
+    if query.format != "json":
+        return Response(content=await pipeline.draw(outcome), media_type=MEDIA_TYPES[query.format])
+    return JSONResponse(outcome.document())
 
 
 async def detect(
@@ -63,11 +84,11 @@ async def detect(
     max_detections: MaxDetQ = None,
     classes: ClassesQ = None,
     format: FormatQ = "json",  # noqa: A002 - the public query parameter name
-) -> DetectResponse | Response:
+) -> Response:
     """Boxes in COCO results format for each uploaded image."""
-    params = InferenceParams(model=model, score_threshold=score_threshold, max_detections=max_detections,
-                             classes=tuple(classes or ()), format=format)
-    return await pipeline.handle(request, "detect", params)
+    query = RequestParams(model=model, score_threshold=score_threshold, max_detections=max_detections,
+                          classes=tuple(classes or ()), format=format)
+    return await answer(pipeline, request, "detect", query)
 
 
 async def segment(
@@ -79,11 +100,11 @@ async def segment(
     classes: ClassesQ = None,
     format: FormatQ = "json",  # noqa: A002 - the public query parameter name
     polygons: PolygonsQ = False,
-) -> DetectResponse | Response:
+) -> Response:
     """Boxes and instance masks (COCO compressed RLE, optional polygons) for each uploaded image."""
-    params = InferenceParams(model=model, score_threshold=score_threshold, max_detections=max_detections,
-                             classes=tuple(classes or ()), format=format, polygons=polygons)
-    return await pipeline.handle(request, "segment", params)
+    query = RequestParams(model=model, score_threshold=score_threshold, max_detections=max_detections,
+                          classes=tuple(classes or ()), format=format, polygons=polygons)
+    return await answer(pipeline, request, "segment", query)
 
 
 for _prefix, _in_schema in (("/v1", True), ("", False)):
@@ -92,8 +113,7 @@ for _prefix, _in_schema in (("/v1", True), ("", False)):
             f"{_prefix}{_path}",
             _endpoint,
             methods=["POST"],
-            response_model=DetectResponse,
-            response_model_exclude_none=True,
+            response_model=DetectResponse,  # the schema of the document; answers are built once, not re-validated
             responses=RESPONSES,
             openapi_extra=IMAGE_REQUEST_BODY,
             include_in_schema=_in_schema,

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from service.settings import Settings
-from tests.docker.torchserve_runner import SHIPPED_CONFIG, read_properties, render_config
+from tests.torchserve.torchserve_runner import SHIPPED_CONFIG, read_properties, render_config
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile", "cuda": REPO / "docker" / "Dockerfile.cuda"}

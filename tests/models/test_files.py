@@ -25,8 +25,13 @@ def test_written_files_follow_the_umask(tmp_path: Path, umask: int, mode: int) -
 def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     target = tmp_path / "model.safetensors"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError), atomic_writer(target) as f:
-        f.write(b"half")
-        raise RuntimeError("crash mid-write")
+
+    def crash_mid_write() -> None:
+        with atomic_writer(target) as f:
+            f.write(b"half")
+            raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError):
+        crash_mid_write()
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]

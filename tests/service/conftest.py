@@ -27,6 +27,7 @@ import uvicorn
 
 from models import Predictor
 from service import Settings, create_app
+from service.server import uvicorn_config
 from tests.conftest import FASTER_R50, IMAGES, MASK_R50
 
 SMALL_SCALE = (512, 320)
@@ -59,7 +60,9 @@ def start_server(app: Any, *, wait_ready: bool = True) -> LiveServer:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    # The configuration `gnws serve` runs (connection limits, header deadline, JSON parse errors).
+    config = uvicorn_config(app, app.state.gnws.settings, log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}")
     thread.start()
@@ -99,6 +102,12 @@ class FakePredictor:
 
     def __init__(self) -> None:
         self.forward_passes = 0
+
+    def decode(self, image: Any) -> Any:
+        return image
+
+    def prepare_decoded(self, rgb: Any) -> Any:
+        return rgb
 
     def prepare(self, image: Any) -> Any:
         return image

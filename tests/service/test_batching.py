@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
+from gnws.request.errors import NotReadyError, OverloadedError, RequestTimeoutError
 from models import PreparedImage, RawDetections
 from service.batching import Batcher
-from service.errors import NotReadyError, OverloadedError, RequestTimeoutError
 from service.metrics import Metrics
 
 

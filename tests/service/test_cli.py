@@ -1,4 +1,4 @@
-"""``gnws serve``: fails fast with the ``gnws fetch`` message, and serves from a real process."""
+"""``gnws serve``: fails fast (offline: naming the missing files), and serves from a real process."""
 
 from __future__ import annotations
 
@@ -25,11 +25,13 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def test_missing_weights_fail_fast_with_the_fetch_message(tmp_path: Path) -> None:
-    result = subprocess.run([*GNWS, "serve", "--port", "0"], env=_env(tmp_path), capture_output=True, text=True,
-                            timeout=120, check=False)
+def test_offline_missing_weights_fail_fast_naming_the_files(tmp_path: Path) -> None:
+    """GNWS_OFFLINE: nothing is downloaded; one sentence names where the weights may be put."""
+    result = subprocess.run([*GNWS, "serve", "--port", "0"], env={**_env(tmp_path), "GNWS_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2
-    assert f"run `gnws fetch {FASTER_R50}`" in result.stderr
+    assert f"{FASTER_R50} is not on this machine and offline mode" in result.stderr
+    assert str(tmp_path / "home" / "checkpoints") in result.stderr
     assert "Traceback" not in result.stderr
     assert "Uvicorn running" not in result.stderr  # refused before the server started
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from gnws.request.errors import STATUS_BY_ERROR, OverloadedError, ReloadFailedError, status_for
 from models import DEFAULT_DETECT_MODEL, DEFAULT_SEGMENT_MODEL
 from service import Settings
-from service.errors import STATUS_BY_ERROR, OverloadedError, ReloadFailedError, status_for
 
 
 def test_defaults_are_safe(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import FASTER_R50, IMAGES, MASK_R50
-from tests.docker.detections import assert_same_detections, assert_same_response, service_client
+from tests.torchserve.detections import assert_same_detections, assert_same_response, service_client
 
 SCALE = (320, 192)
 SAME_SHAPE = ("000000005001", "000000025603")  # both 640x480: one padded shape, one forward pass
@@ -140,13 +140,15 @@ def test_all_bad_batch_runs_no_inference(loaded) -> None:
     assert "empty" in json.loads(responses[0])["detail"]
 
 
-def test_settings_parsing(handler_module: ModuleType) -> None:
-    assert handler_module.parse_image_scale(None) is None
-    assert handler_module.parse_image_scale([640, 384]) == (640, 384)
+def test_settings_parsing() -> None:
+    from gnws.torchserve import handler
+
+    assert handler.parse_image_scale(None) is None
+    assert handler.parse_image_scale([640, 384]) == (640, 384)
     with pytest.raises(ValueError, match="max_size, min_size"):
-        handler_module.parse_image_scale("640,384")
-    assert handler_module.resolve_device("auto", None) == "cpu"
-    assert handler_module.resolve_device("cuda:1", None) == "cuda:1"
+        handler.parse_image_scale("640,384")
+    assert handler.resolve_device("auto", None) == "cpu"
+    assert handler.resolve_device("cuda:1", None) == "cuda:1"
 
 
 def test_archive_without_serialized_file_is_refused(handler_module: ModuleType, tmp_path: Path) -> None:

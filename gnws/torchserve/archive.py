@@ -1,36 +1,43 @@
-"""Build a TorchServe model archive (``.mar``) from a baked gnws model.
+"""Build a TorchServe model archive (``.mar``) from a baked gnws model: ``gnws archive NAME``.
 
-``gnws archive NAME`` (see :mod:`gnws.archive_cli`) and ``python docker/torchserve/archive.py NAME``
-run this. NAME is a zoo key (resolved through the model store, converting a cached zoo checkpoint
-if needed), a model-store name (e.g. a fine-tuned export) or a path to a gnws ``.safetensors``.
-The archive holds the baked weights as its serialized file, ``gnws_handler.py`` and a
-``model-config.yaml`` with TorchServe's batching/worker settings and the handler's settings.
-The archive is written atomically (temp file in the export folder, then rename).
+NAME is any baked model reference (:mod:`models.resolve`): a zoo key (its baked file in the
+model store, made from a cached zoo checkpoint if needed), a model-store name (e.g. a fine-tuned
+export) or a path to a gnws ``.safetensors``. The archive holds the baked weights as its
+serialized file, a few-line handler entry file that imports :class:`gnws.torchserve.handler.GnwsHandler`
+from the installed package, and a ``model-config.yaml`` with TorchServe's batching/worker settings
+and the handler's settings. It is written atomically (temp file in the export folder, then rename).
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
+import dataclasses
 import json
 import logging
 import os
-import re
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from models import bake_file, read_model_info
-from models.errors import CheckpointError, GnwsError, WeightsNotFoundError
-from models.store import ensure_baked_zoo_model, is_zoo_name, model_store, store_path
-from models.zoo import ZOO
+from models.errors import CheckpointError, GnwsError
+from models.resolve import BAKED_KINDS, resolve_model
+
+from . import MODEL_NAME
 
 logger = logging.getLogger(__name__)
 
-HANDLER = Path(__file__).resolve().parent / "gnws_handler.py"
-# TorchServe's model-name rule (model_archiver ModelExportUtils.check_model_name_regex_or_exit).
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
+# The file TorchServe loads (it wants exactly one class defined in it): the handler itself is a
+# module of the installed package.
+HANDLER_FILE = "gnws_handler.py"
+HANDLER_SHIM = '''"""TorchServe entry point written by `gnws archive`: the handler is gnws.torchserve.handler."""
+
+from gnws.torchserve.handler import GnwsHandler as _GnwsHandler
+
+
+class GnwsHandler(_GnwsHandler):
+    """gnws' TorchServe handler (see gnws.torchserve.handler)."""
+'''
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,22 +93,10 @@ def resolve_model_file(name: str) -> Path:
 
     Raises:
         WeightsNotFoundError: nothing by that name is on this machine.
+        UnknownModelNameError: a name that is no zoo key and not in the store.
+        ModelReferenceError: an mmdetection checkpoint (bake it first).
     """
-    path = Path(name)
-    if path.suffix == ".safetensors" or path.is_file():
-        if not path.is_file():
-            raise WeightsNotFoundError(f"no model file at {path}")
-        return path
-    if store_path(name).is_file():
-        return store_path(name)
-    if is_zoo_name(name):
-        return ensure_baked_zoo_model(name)
-    close = difflib.get_close_matches(name, list(ZOO), n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise WeightsNotFoundError(
-        f"{name!r} is neither a zoo key{hint}, a model in the model store ({model_store()}) nor a .safetensors "
-        "file; see `gnws zoo`, or export a trained model with `gnws export`"
-    )
+    return resolve_model(name, accept=BAKED_KINDS).materialize()
 
 
 def default_model_name(name: str) -> str:
@@ -152,9 +147,11 @@ def build_archive(
             source = baked
         config = staging / "model-config.yaml"
         config.write_text(model_config_yaml(settings, model_name))
+        handler = staging / HANDLER_FILE
+        handler.write_text(HANDLER_SHIM)
         generate_model_archive(ModelArchiverConfig(
             model_name=model_name,
-            handler=str(HANDLER),
+            handler=str(handler),
             version=version,
             serialized_file=str(source),
             config_file=str(config),
@@ -179,51 +176,46 @@ def parse_image_scale(text: str) -> tuple[int, int]:
     return max_size, min_size
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``gnws archive`` (shared with this file's own ``main``)."""
+_DEFAULTS = ArchiveSettings()
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """``gnws archive``: flags default to :class:`ArchiveSettings`' values."""
+    p = sub.add_parser("archive", help="build a TorchServe .mar from a baked model (zoo key, store name or file)")
     p.add_argument("name", metavar="NAME", help="zoo key, model-store name or path to a gnws .safetensors")
-    p.add_argument("-o", "--export-path", type=Path, default=Path(os.environ.get("GNWS_MAR_STORE", "model-store")),
-                   help="folder for the .mar (env GNWS_MAR_STORE, default: %(default)s)")
+    p.add_argument("-o", "--export-path", type=Path, default=None,
+                   help="folder for the .mar (default: $GNWS_MAR_STORE, else ./model-store)")
     p.add_argument("--model-name", help="TorchServe model name (default: NAME, or the file stem)")
-    p.add_argument("--batch-size", type=int, default=4, help="TorchServe batchSize (default: %(default)s)")
-    p.add_argument("--max-batch-delay", type=int, default=50, metavar="MS",
-                   help="TorchServe maxBatchDelay in ms (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=1, help="min and max workers (default: %(default)s)")
-    p.add_argument("--response-timeout", type=int, default=120, metavar="S", help="seconds (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, help=f"TorchServe batchSize (default: {_DEFAULTS.batch_size})")
+    p.add_argument("--max-batch-delay", type=int, metavar="MS", dest="max_batch_delay_ms",
+                   help=f"TorchServe maxBatchDelay in ms (default: {_DEFAULTS.max_batch_delay_ms})")
+    p.add_argument("--workers", type=int, help=f"min and max workers (default: {_DEFAULTS.min_workers})")
+    p.add_argument("--response-timeout", type=int, metavar="S", dest="response_timeout_s",
+                   help=f"seconds (default: {_DEFAULTS.response_timeout_s})")
+    p.add_argument("--device", help=f"auto, cpu, cuda, ... (default: {_DEFAULTS.device})")
     p.add_argument("--image-scale", type=parse_image_scale, metavar="MAX,MIN",
                    help="test-time scale instead of the model's 1333,800 (smoke tests only)")
     p.add_argument("--version", default="1.0", help="archive version (default: %(default)s)")
     p.add_argument("-f", "--force", action="store_true", help="replace an existing archive")
+    p.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace) -> ArchiveSettings:
+    """:class:`ArchiveSettings` with the flags that were given on top of its defaults."""
+    given = {name: getattr(args, name) for name in ("batch_size", "max_batch_delay_ms", "response_timeout_s",
+                                                     "device", "image_scale")}
+    if args.workers is not None:
+        given |= {"min_workers": args.workers, "max_workers": args.workers}
+    try:
+        return dataclasses.replace(_DEFAULTS, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        raise GnwsError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the archive the parsed arguments describe; prints its path."""
-    try:
-        settings = ArchiveSettings(
-            batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay, min_workers=args.workers,
-            max_workers=args.workers, response_timeout_s=args.response_timeout, device=args.device,
-            image_scale=args.image_scale,
-        )
-    except ValueError as exc:
-        raise GnwsError(str(exc)) from None
-    path = build_archive(args.name, args.export_path, model_name=args.model_name, settings=settings,
+    export = args.export_path or Path(os.environ.get("GNWS_MAR_STORE", "model-store"))
+    path = build_archive(args.name, export, model_name=args.model_name, settings=settings_from_args(args),
                          version=args.version, force=args.force)
     print(path)  # noqa: T201 - CLI output
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="archive.py", description=__doc__.splitlines()[0] if __doc__ else None)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return run(args)
-    except GnwsError as exc:
-        print(f"archive: error: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

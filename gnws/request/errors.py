@@ -1,15 +1,16 @@
-"""Domain errors of the HTTP service and the one table mapping every domain error to a status.
+"""Domain errors of serving, and the one table mapping every domain error to a status.
 
-Model-side errors (:mod:`models.errors`) and these all derive from :class:`models.GnwsError`;
-:func:`service.app.create_app` installs a single exception handler that looks the status up here
-(``../shared/STYLE.md``: 4xx for bad input, 413 for too large, 429/503 with ``Retry-After``
-under overload, 503 while not ready).
+Model-side errors (:mod:`models.errors`) and these all derive from :class:`models.GnwsError`.
+Every transport looks statuses up here: 4xx for bad input, 413 for too large, 429/503 with
+``Retry-After`` under overload, 503 while not ready, never a success status with an error body.
 """
 
 from __future__ import annotations
 
+import math
+
 from models import CheckpointError, GnwsError, ImageDecodeError, ImageTooLargeError, WeightsNotFoundError
-from models.errors import UnknownClassError, UnknownModelNameError
+from models.errors import ModelReferenceError, UnknownClassError, UnknownModelNameError
 
 
 class ServiceError(GnwsError):
@@ -82,6 +83,10 @@ class ReloadSourceError(ServiceError):
     """A reload source is outside the model store or not a model file."""
 
 
+class ArchitectureMismatchError(ServiceError):
+    """A reload would put another architecture behind a served name without being asked to."""
+
+
 class ReloadFailedError(CheckpointError):
     """A new checkpoint could not be loaded or warmed up; the old model keeps serving."""
 
@@ -93,6 +98,7 @@ STATUS_BY_ERROR: dict[type[GnwsError], int] = {
     ImageDecodeError: 400,
     BadRequestError: 400,
     ReloadSourceError: 400,
+    ModelReferenceError: 400,
     AuthenticationError: 401,
     ReloadDisabledError: 403,
     UnknownModelError: 404,
@@ -103,6 +109,7 @@ STATUS_BY_ERROR: dict[type[GnwsError], int] = {
     UnknownClassError: 422,
     CheckpointError: 422,
     UploadTimeoutError: 408,
+    ArchitectureMismatchError: 409,
     OverloadedError: 429,
     RequestTimeoutError: 503,
     NotReadyError: 503,
@@ -114,6 +121,17 @@ RETRYABLE_STATUSES = frozenset({429, 503})
 def is_retryable(exc: GnwsError) -> bool:
     """Whether the response gets a ``Retry-After`` header (429/503, unless nothing will change)."""
     return status_for(exc) in RETRYABLE_STATUSES and not isinstance(exc, LoadFailedError)
+
+
+def retry_after(exc: GnwsError, minimum_s: int) -> int:
+    """Whole seconds for ``Retry-After``: the error's own estimate, never below the configured minimum."""
+    estimate = exc.retry_after_s if isinstance(exc, ServiceError) else None
+    return max(minimum_s, math.ceil(estimate)) if estimate is not None else minimum_s
+
+
+def message_of(exc: BaseException) -> str:
+    """The sentence a client gets for a domain error."""
+    return str(exc.args[0]) if exc.args else type(exc).__name__
 
 
 def status_for(exc: GnwsError) -> int:

@@ -11,6 +11,7 @@ import yaml
 
 from gnws.cli import main as gnws_main
 from models import WeightsNotFoundError
+from models.errors import UnknownModelNameError
 from tests.conftest import FASTER_R50
 
 
@@ -49,7 +50,7 @@ def test_resolves_files_store_names_and_zoo_keys(archive_module: ModuleType, bak
     assert archive_module.resolve_model_file(FASTER_R50) == tmp_path / "store" / f"{FASTER_R50}.safetensors"
     (tmp_path / "store" / "city-finetune.safetensors").symlink_to(baked)
     assert archive_module.resolve_model_file("city-finetune").name == "city-finetune.safetensors"
-    with pytest.raises(WeightsNotFoundError, match="did you mean faster_rcnn_r50_fpn_gn_ws-all_1x_coco"):
+    with pytest.raises(UnknownModelNameError, match="did you mean faster_rcnn_r50_fpn_gn_ws-all_1x_coco"):
         archive_module.resolve_model_file("faster_rcnn_r50_fpn_gn_ws_1x_coco")
 
 

@@ -28,8 +28,8 @@ import pytest
 from gnws.cli import main as gnws_main
 from models import Predictor
 from tests.conftest import FASTER_R50, IMAGES, MASK_R50
-from tests.docker.detections import assert_same_detections, assert_same_response, service_client
-from tests.docker.torchserve_runner import (
+from tests.torchserve.detections import assert_same_detections, assert_same_response, service_client
+from tests.torchserve.torchserve_runner import (
     REPO,
     TOKEN_REFUSED,
     TorchServe,

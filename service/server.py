@@ -1,0 +1,97 @@
+"""Running the app under uvicorn, with the connection-level limits the app itself cannot apply.
+
+:func:`uvicorn_config` is what ``gnws serve`` (and the tests' live servers) run: uvicorn with
+``limit_concurrency`` = ``max_connections`` (503 above it) and :class:`GuardedHttpToolsProtocol`,
+uvicorn's httptools protocol with two changes:
+
+- a connection must send its request line and headers within ``header_timeout_s`` of its first
+  byte (or of connecting): otherwise it gets a JSON 408 and is closed, so clients that connect
+  and send nothing, or headers byte by byte, do not hold sockets for ever;
+- requests uvicorn cannot parse (a malformed request line, a URL or headers too long for its
+  parser) get the API's JSON error shape instead of uvicorn's plain-text 400.
+
+The app's own limits (uploads, processing places, body sizes) are in :mod:`service.inference`,
+:mod:`service.uploads` and :mod:`service.limits`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .settings import Settings
+
+
+def _raw_response(status: int, reason: str, message: str) -> bytes:
+    body = json.dumps({"detail": message}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a header deadline and JSON parse errors (see the module docstring)."""
+
+    header_timeout_s = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_header_timer()  # a keep-alive connection's next request: its headers have the same deadline
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        self._cancel_header_timer()
+        self.transport.write(_raw_response(400, "Bad Request", f"{msg} (malformed request line or headers, or a URL "
+                                                                "or header too long)"))
+        self.transport.close()
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_raw_response(
+                408, "Request Timeout",
+                f"the request line and headers did not arrive within {self.header_timeout_s:g} s",
+            ))
+            self.transport.close()
+
+
+def protocol_for(settings: Settings) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class with ``settings``' header deadline."""
+    return type("GnwsHttpProtocol", (GuardedHttpToolsProtocol,), {"header_timeout_s": settings.header_timeout_s})
+
+
+def uvicorn_config(app: Any, settings: Settings, **kwargs: Any) -> uvicorn.Config:
+    """The uvicorn configuration ``gnws serve`` runs ``app`` with (``kwargs`` override or add options)."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "http": protocol_for(settings),
+        "limit_concurrency": settings.max_connections,
+        "timeout_graceful_shutdown": 30,
+    }
+    return uvicorn.Config(app, **(options | kwargs))

@@ -8,7 +8,14 @@ uvicorn's httptools protocol with two changes:
   byte (or of connecting): otherwise it gets a JSON 408 and is closed, so clients that connect
   and send nothing, or headers byte by byte, do not hold sockets for ever;
 - requests uvicorn cannot parse (a malformed request line, a URL or headers too long for its
-  parser) get the API's JSON error shape instead of uvicorn's plain-text 400.
+  parser) get the API's JSON error shape instead of uvicorn's plain-text 400;
+- a response that closes the connection before the request body has arrived (a 413 for an
+  oversize upload, sent as soon as ``Content-Length`` says so, to a client that asked for
+  ``Connection: close``) is a lingering close, as nginx and Apache do it: the server stops
+  sending, then reads and discards what the client is still sending (for up to ``LINGER_S``
+  seconds, and while it keeps sending) before closing. Closing at once would make the kernel
+  answer the unread data with a reset, and a client that sends its whole body before reading
+  (Python's urllib, ...) would see "connection reset" instead of the 413.
 
 The app's own limits (uploads, processing places, body sizes) are in :mod:`service.inference`,
 :mod:`service.uploads` and :mod:`service.limits`.
@@ -24,6 +31,28 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .settings import Settings
+
+LINGER_S = 30.0
+
+
+class _LingeringTransport:
+    """The transport a request cycle writes to: ``close()`` lingers while the request body is
+    still arriving (see the module docstring); everything else is the real transport's."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedHttpToolsProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        cycle = self._protocol.cycle
+        if cycle is None or not cycle.more_body or self._transport.is_closing() or not self._transport.can_write_eof():
+            self._transport.close()
+            return
+        self._transport.write_eof()  # the response is complete: no more bytes from us
+        self._protocol.linger(LINGER_S)
 
 
 def _raw_response(status: int, reason: str, message: str) -> bytes:
@@ -54,6 +83,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle.transport is self.transport:
+            self.cycle.transport = _LingeringTransport(self.transport, self)  # type: ignore[assignment]
+
+    def linger(self, seconds: float) -> None:
+        """Discard what the client still sends (uvicorn drops body data once a response is complete,
+        and closes after ``timeout_keep_alive`` seconds without data), but for ``seconds`` at most."""
+        self.loop.call_later(seconds, self.transport.close)
 
     def send_400_response(self, msg: str) -> None:
         self._cancel_header_timer()

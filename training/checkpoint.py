@@ -26,6 +26,7 @@ import torch
 
 from models.files import atomic_write_bytes
 
+from .config import RESUMABLE_FIELDS, TrainConfig, config_differences
 from .errors import ResumeError
 
 logger = logging.getLogger(__name__)
@@ -87,14 +88,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "position", "rng", "world_size", "config", "detector")
 
 
-def check_resumable(
-    state: dict[str, Any], path: Path, *, config_json: str, world_size: int, overridable: tuple[str, ...]
-) -> None:
+def check_resumable(state: dict[str, Any], path: Path, *, cfg: TrainConfig, world_size: int) -> None:
     """Raise :class:`ResumeError` unless ``state`` can continue this run exactly.
 
     It must hold the optimizer/scheduler/RNG state (``best.pt`` holds weights only), come from the
-    same settings (except ``overridable`` ones) and from the same number of processes: the sampler
-    position, every rank's RNG stream and the linear-scaled learning rate depend on the world size.
+    same settings (except :data:`~training.config.RESUMABLE_FIELDS` and the run folder) and from
+    the same number of processes: the sampler position, every rank's RNG stream and the
+    linear-scaled learning rate depend on the world size. The configs are compared as parsed
+    :class:`TrainConfig` objects, so a checkpoint written before a field existed compares with
+    that field's default.
     """
     missing = [k for k in RESUME_KEYS if k not in state]
     if missing:
@@ -103,13 +105,15 @@ def check_resumable(
             f"{path} cannot be resumed: {what} (no {', '.join(missing)}); resume the run folder "
             f"(--resume {path.parent.parent}) or one of its checkpoints/iter_*.pt"
         )
-    if state["config"] != config_json:
-        saved, now = json.loads(state["config"]), json.loads(config_json)
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in overridable)
-        if changed:
-            raise ResumeError(
-                f"{path} was written with different settings ({', '.join(changed)}); resume with the run's config"
-            )
+    try:
+        saved = TrainConfig.from_json(state["config"])
+    except (ValueError, TypeError) as exc:
+        raise ResumeError(f"{path} holds no valid training config ({exc})") from None
+    changed = config_differences(saved, cfg, ignore=(*RESUMABLE_FIELDS, "work_dir"))
+    if changed:
+        raise ResumeError(
+            f"{path} was written with different settings ({', '.join(changed)}); resume with the run's config"
+        )
     saved_world = int(state["world_size"])
     if saved_world != world_size or len(state["rng"]) != saved_world:
         raise ResumeError(
@@ -148,6 +152,16 @@ def read_eval_done(ckpt_dir: Path) -> int:
         return int(json.loads((ckpt_dir / EVAL_DONE).read_text())["iteration"])
     except (OSError, ValueError, KeyError, TypeError):
         return -1
+
+
+def epoch_of_position(position: dict[str, Any]) -> int:
+    """The 1-based epoch of the last step taken before ``position`` (1 before any step).
+
+    ``position`` counts completed epochs (``epoch``) and batches done in the current one
+    (``batch``): at ``{"epoch": 1, "batch": 0}`` the last step ended epoch 1.
+    """
+    epoch, batch = int(position.get("epoch", 0)), int(position.get("batch", 0))
+    return epoch if batch == 0 and epoch > 0 else epoch + 1
 
 
 def is_training_checkpoint(obj: object) -> bool:

@@ -8,6 +8,19 @@ batch maximum rounded up to 32). Crowd annotations are left out of the ground tr
 marks them ``ignore`` and never uses them with ``ignore_iof_thr=-1``). Masks (polygons or RLE)
 are rasterised with pycocotools at the original size and resized with nearest neighbour, as
 ``BitmapMasks.rescale`` does.
+
+Two resizes can replace the fixed one (additions to the recipe): multi-scale training, one
+``(max, min)`` scale picked at random per image (mmdetection ``RandomChoiceResize(keep_ratio=True)``,
+torchvision's reference ``RandomShortestSize``), and large-scale jitter (Ghiasi et al., "Simple
+Copy-Paste is a Strong Data Augmentation Method for Instance Segmentation", arXiv:2012.07177;
+detectron2 ``ResizeScale`` + ``FixedSizeCrop``): the image is resized to fit an ``S × S`` square
+scaled by a random factor, a random ``S × S`` window of it is kept (boxes clipped, boxes left
+empty dropped) and it is padded to ``S × S``. Random choices are drawn from ``(seed, epoch,
+image id)``, so they do not depend on the worker layout and repeat after ``--resume``.
+
+A file that cannot be read mid-run does not raise in the data loader: the sample becomes a
+:class:`SampleFailure` and the batch a :class:`FailedBatch`, so the training loop can stop every
+rank together (:func:`training.runtime.first_failure`).
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ import io
 import json
 import logging
 import random
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,11 +140,12 @@ def _check_image_entries(ann_file: Path, images: object) -> None:
         )
 
 
-def load_eval_coco(ann_file: Path, image_dir: Path) -> COCO:
+def load_eval_coco(ann_file: Path, image_dir: Path, *, check_files: bool = True) -> COCO:
     """An evaluation set checked up front: the JSON parses, it lists images, and every image file exists.
 
-    Training calls this before its first step, so broken validation data fails the run at once
-    rather than at the end of the first epoch.
+    Training loads it before its first step (its data check then decodes every file, so it passes
+    ``check_files=False``), so broken validation data fails the run at once rather than at the end
+    of the first epoch.
     """
     coco = load_coco(ann_file)
     infos = coco.dataset["images"]
@@ -138,6 +153,8 @@ def load_eval_coco(ann_file: Path, image_dir: Path) -> COCO:
         raise DatasetError(f"{ann_file} lists no images; point --val-ann at a non-empty COCO annotation file")
     if not image_dir.is_dir():
         raise DatasetError(f"no image folder at {image_dir}; fix --data/--val-images")
+    if not check_files:
+        return coco
     missing = [i["file_name"] for i in infos if not (image_dir / i["file_name"]).is_file()]
     if missing:
         raise DatasetError(
@@ -182,12 +199,18 @@ class CocoDetection(Dataset):
     Args:
         ann_file: COCO instances JSON.
         image_dir: folder the ``file_name`` entries are relative to.
-        image_scale: ``(max_side, min_side)`` keep-ratio resize target.
+        image_scale: ``(max_side, min_side)`` keep-ratio resize target; with ``scale_jitter``,
+            ``max_side`` is the side of the square crop.
         flip_prob: probability of a horizontal flip.
         with_masks: rasterise masks (Mask R-CNN).
         min_size: images with a side shorter than this are dropped (mmdet ``min_size=32``).
-        seed: flips are drawn from ``(seed, epoch, index)``, so they are reproducible whatever
-            the worker layout and after ``--resume``.
+        seed: random choices (flip, scale, crop) are drawn from ``(seed, epoch, image id)``, so
+            they are reproducible whatever the worker layout and after ``--resume``.
+        multi_scale: ``(max_side, min_side)`` scales to pick one from per image.
+        scale_jitter: ``(low, high)`` factor range of large-scale jitter.
+        coco: the already loaded ``ann_file`` (read again when ``None``).
+        exclude_images / exclude_annotations: ids the data check found unusable
+            (:mod:`training.datacheck`, ``--skip-bad-data``).
     """
 
     def __init__(
@@ -200,34 +223,43 @@ class CocoDetection(Dataset):
         with_masks: bool = False,
         min_size: int = 32,
         seed: int = 0,
+        multi_scale: Sequence[tuple[int, int]] | None = None,
+        scale_jitter: tuple[float, float] | None = None,
+        coco: COCO | None = None,
+        exclude_images: Collection[int] = (),
+        exclude_annotations: Collection[int] = (),
     ) -> None:
-        self.coco = load_coco(ann_file)
+        self.coco = coco if coco is not None else load_coco(ann_file)
+        self.ann_file = ann_file
         self.image_dir = image_dir
         self.image_scale = image_scale
         self.flip_prob = flip_prob
         self.with_masks = with_masks
         self.seed = seed
+        self.multi_scale = tuple(multi_scale) if multi_scale else None
+        self.scale_jitter = scale_jitter
         self.epoch = 0
+        self.excluded_annotations = frozenset(exclude_annotations)
         self.categories = categories_of(self.coco)
         self.cat_to_label = {cid: i for i, cid in enumerate(self.categories.ids)}
         # filter_data: images with at least one annotation of a known category, both sides >= min_size
         with_ann = {
-            a["image_id"] for a in self.coco.dataset["annotations"] if a.get("category_id") in self.cat_to_label
-        }
+            a["image_id"] for a in self.coco.dataset["annotations"]
+            if a.get("category_id") in self.cat_to_label and a.get("id") not in self.excluded_annotations
+        }  # fmt: skip
+        excluded = set(exclude_images)
         infos = self.coco.loadImgs(sorted(self.coco.getImgIds()))
-        self.images = [i for i in infos if i["id"] in with_ann and min(i["width"], i["height"]) >= min_size]
+        self.images = [
+            i for i in infos
+            if i["id"] in with_ann and i["id"] not in excluded and min(i["width"], i["height"]) >= min_size
+        ]  # fmt: skip
         if not self.images:
             raise DatasetError(
                 f"{ann_file} has no usable training images: {len(infos)} images, none with an annotation of a "
                 f"listed category and both sides >= {min_size} px"
+                + (f" ({len(excluded)} left out as unusable)" if excluded else "")
             )
         logger.info("%s: %d of %d images usable for training", ann_file, len(self.images), len(infos))
-        missing = [i["file_name"] for i in self.images if not (image_dir / i["file_name"]).is_file()]
-        if missing:
-            raise DatasetError(
-                f"{len(missing)} image file(s) listed in {ann_file} are missing under {image_dir}, e.g. "
-                f"{', '.join(missing[:3])}; fix --data/--train-images or the annotation file"
-            )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -243,7 +275,10 @@ class CocoDetection(Dataset):
         info = self.images[index]
         boxes, labels, segs = [], [], []
         for ann in self.coco.imgToAnns[info["id"]]:
-            if ann.get("iscrowd", 0) or ann.get("ignore", False) or ann["category_id"] not in self.cat_to_label:
+            if (
+                ann.get("iscrowd", 0) or ann.get("ignore", False) or ann["category_id"] not in self.cat_to_label
+                or ann.get("id") in self.excluded_annotations
+            ):  # fmt: skip
                 continue
             x1, y1, w, h = ann["bbox"]
             inter_w = max(0.0, min(x1 + w, info["width"]) - max(x1, 0))
@@ -263,30 +298,54 @@ class CocoDetection(Dataset):
             segmentations=segs,
         )
 
-    def __getitem__(self, index: int) -> TrainSample:
+    def __getitem__(self, index: int) -> TrainSample | SampleFailure:
         info = self.images[index]
         path = self.image_dir / info["file_name"]
         try:
-            rgb = decode_image(path)
-        except ImageDecodeError as exc:
-            raise DatasetError(f"cannot read training image {path}: {exc}") from None
+            return self._sample(info, path, self.instances(index))
+        except (ImageDecodeError, OSError, DatasetError) as exc:
+            return SampleFailure(image_id=int(info["id"]), path=str(path), message=str(exc))
+
+    def _sample(self, info: dict, path: Path, gt: Instances) -> TrainSample:
+        rgb = decode_image(path)  # its errors name the file
         h, w = rgb.shape[:2]
         if (h, w) != (info["height"], info["width"]):
             raise DatasetError(f"{path} is {w}x{h} but the annotation file says {info['width']}x{info['height']}")
-        gt = self.instances(index)
-        new_w, new_h = rescale_size(w, h, *self.image_scale)
+        rng = random.Random(f"{self.seed}/{self.epoch}/{info['id']}")
+        flipped = rng.random() < self.flip_prob  # the first draw: flips are the same with or without jitter
+        if self.scale_jitter is not None:
+            side = self.image_scale[0]
+            factor = rng.uniform(*self.scale_jitter)
+            scale = min(side * factor / h, side * factor / w)  # detectron2 ResizeScale
+            new_w, new_h = max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5))
+        else:
+            max_side, min_side = rng.choice(self.multi_scale) if self.multi_scale else self.image_scale
+            new_w, new_h = rescale_size(w, h, max_side, min_side)
         rgb = cv2.resize(rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
         sx, sy = new_w / w, new_h / h
         boxes = gt.boxes_xyxy * np.array([sx, sy, sx, sy], dtype=np.float32)
-        boxes[:, 0::2] = boxes[:, 0::2].clip(0, new_w)
-        boxes[:, 1::2] = boxes[:, 1::2].clip(0, new_h)
+        labels = gt.labels
         masks = None
         if self.with_masks:
             masks = np.zeros((len(gt.segmentations), new_h, new_w), dtype=np.uint8)
             for g, seg in enumerate(gt.segmentations):
                 full = segmentation_to_mask(seg, h, w)
                 masks[g] = cv2.resize(full, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
-        flipped = random.Random(f"{self.seed}/{self.epoch}/{info['id']}").random() < self.flip_prob
+        if self.scale_jitter is not None:  # detectron2 FixedSizeCrop: a random window of at most side x side
+            side = self.image_scale[0]
+            crop_h, crop_w = min(new_h, side), min(new_w, side)
+            y0, x0 = round((new_h - crop_h) * rng.random()), round((new_w - crop_w) * rng.random())
+            rgb = rgb[y0 : y0 + crop_h, x0 : x0 + crop_w]
+            boxes = boxes - np.array([x0, y0, x0, y0], dtype=np.float32)
+            if masks is not None:
+                masks = masks[:, y0 : y0 + crop_h, x0 : x0 + crop_w]
+            new_h, new_w = crop_h, crop_w
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, new_w)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, new_h)
+        if self.scale_jitter is not None:  # boxes the crop cut away entirely
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            boxes, labels = boxes[keep], labels[keep]
+            masks = masks[keep] if masks is not None else None
         if flipped:
             rgb = rgb[:, ::-1]
             boxes = boxes.copy()
@@ -295,11 +354,14 @@ class CocoDetection(Dataset):
                 masks = masks[:, :, ::-1]
         image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
         image = (image - torch.tensor(MEAN_RGB).view(3, 1, 1)) / torch.tensor(STD_RGB).view(3, 1, 1)
+        if self.scale_jitter is not None:  # pad to the fixed square (zeros after normalisation, as collate pads)
+            side = self.image_scale[0]
+            image = torch.nn.functional.pad(image, (0, side - new_w, 0, side - new_h))
         return TrainSample(
             image_chw=image,
             img_shape=(new_h, new_w),
-            boxes_xyxy=torch.from_numpy(boxes),
-            labels=torch.from_numpy(gt.labels),
+            boxes_xyxy=torch.from_numpy(np.ascontiguousarray(boxes)),
+            labels=torch.from_numpy(np.ascontiguousarray(labels)),
             masks_ghw=torch.from_numpy(np.ascontiguousarray(masks)) if masks is not None else None,
             image_id=int(info["id"]),
             flipped=flipped,
@@ -318,6 +380,28 @@ def segmentation_to_mask(segmentation: object, height: int, width: int) -> np.nd
     else:
         raise DatasetError(f"unsupported segmentation of type {type(segmentation).__name__}")
     return mask_utils.decode(rle).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class SampleFailure:
+    """A training image that could not be read mid-run (in place of its :class:`TrainSample`)."""
+
+    image_id: int
+    path: str
+    message: str
+
+
+@dataclass(frozen=True)
+class FailedBatch:
+    """A batch with at least one :class:`SampleFailure`: the training loop stops every rank on it."""
+
+    failures: list[SampleFailure]
+
+    @property
+    def message(self) -> str:
+        first = self.failures[0].message
+        more = f" (and {len(self.failures) - 1} more image(s) of the batch)" if len(self.failures) > 1 else ""
+        return first + more
 
 
 @dataclass
@@ -342,8 +426,18 @@ class TrainBatch:
         )
 
 
-def collate(samples: list[TrainSample], size_divisor: int = 32) -> TrainBatch:
-    """Stack samples, padding bottom/right with zeros (after normalisation) as mmdetection does."""
+def collate(samples: list[TrainSample | SampleFailure], size_divisor: int = 32) -> TrainBatch | FailedBatch:
+    """Stack samples, padding bottom/right with zeros (after normalisation) as mmdetection does.
+
+    A batch with an unreadable image becomes a :class:`FailedBatch`.
+    """
+    failures = [s for s in samples if isinstance(s, SampleFailure)]
+    if failures:
+        return FailedBatch(failures)
+    return _stack([s for s in samples if isinstance(s, TrainSample)], size_divisor)
+
+
+def _stack(samples: list[TrainSample], size_divisor: int) -> TrainBatch:
     max_h = max(s.image_chw.shape[1] for s in samples)
     max_w = max(s.image_chw.shape[2] for s in samples)
     pad_h, pad_w = padded_shape((max_h, max_w), size_divisor)

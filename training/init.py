@@ -6,14 +6,19 @@
   subset of them, the pretrained classifier rows are kept (sliced); otherwise ``box_predictor``
   and ``mask_fcn_logits`` are re-created (mmdetection ``load_from`` with another ``num_classes``
   drops exactly these size-mismatched layers).
-- **imagenet**: the ``open-mmlab://jhu/*`` backbones (spec §1.4), downloaded like zoo files with
-  their sha256 prefix checked; every backbone key must map (``fc`` dropped), nothing heuristic.
+- **imagenet**: the ImageNet GN+WS backbones of the WS authors (Qiao et al., JHU) that the GN+WS
+  configs name ``open-mmlab://jhu/*``; mmengine's ``hub/openmmlab.json`` resolves them to
+  ``https://download.openmmlab.com/pretrain/third_party/<file>`` with the files below, whose name
+  suffix is a sha256 prefix (checked like zoo files). Every backbone key must map (``fc`` dropped),
+  nothing heuristic. The GN-only ImageNet weights are a different network (no WS) and train worse.
 - **scratch**: everything initialised as below.
 
-Initialisation of new layers follows mmdetection (spec §5): FPN Xavier-uniform, RPN Normal(0.01),
-ConvModule convs Kaiming (fan_out, normal), GN weight 1 / bias 0, ``shared_fcs`` Xavier-uniform,
-``fc_cls`` Normal(0.01), ``fc_reg`` Normal(0.001), mask ``upsample``/``conv_logits`` Kaiming-normal
-fan_out; biases 0. ``frozen_stages=1`` freezes the stem and ``layer1``.
+Initialisation of new layers follows mmdetection's ``init_cfg`` defaults of each module: FPN convs
+Xavier-uniform; RPN convs Normal(0.01); ConvModule convs of the heads Kaiming-normal (fan_out); GN
+weight 1 / bias 0; ``shared_fcs`` Xavier-uniform; ``fc_cls`` Normal(0.01); ``fc_reg``
+Normal(0.001); mask ``upsample``/``conv_logits`` Kaiming-normal fan_out; every bias 0.
+``frozen_stages=1`` (the configs' value) freezes the stem and ``layer1``. The project's notes on the
+recipe are in ``docs/mmdetection-fidelity.md``, section "Training recipe".
 """
 
 from __future__ import annotations

@@ -1,8 +1,12 @@
-"""Process-level plumbing of a training run: torch.distributed setup, seeding, replica digests, metrics sink.
+"""Process-level plumbing of a training run: torch.distributed setup, seeding, collective failures,
+replica digests, the metrics sink and the speed/memory meter.
 
 Distributed jobs are launched by torchrun, which sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
-NCCL is used on CUDA devices and gloo on CPU. Metrics go to ``metrics.jsonl`` (one JSON object per
-line, appended) and TensorBoard (``tb/``), from rank 0 only.
+NCCL is used on CUDA devices and gloo on CPU. A failure on one rank (an unreadable image, diverged
+replicas) is shared with every rank through a collective before anyone waits in the next one
+(:func:`first_failure`), so a job stops everywhere with the same message instead of hanging.
+Metrics go to ``metrics.jsonl`` (one JSON object per line, appended) and TensorBoard (``tb/``),
+from rank 0 only. Progress bars are drawn only on a terminal: a log file gets plain lines.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import json
 import logging
 import os
 import random
+import resource
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -76,6 +82,42 @@ def broadcast_from_main(ctx: DistContext, value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def first_failure(failure: Any | None, device: torch.device) -> tuple[int, Any] | None:
+    """Collective: ``(rank, failure)`` of the lowest rank that reports one, the same on every rank.
+
+    Every rank of the default process group must call it at the same point, with ``None`` when it
+    is fine. It costs one small all-reduce when no rank failed (the failures themselves are only
+    gathered when one did). Without a process group it returns this process's own failure.
+
+    Args:
+        failure: any picklable description of what went wrong here, or ``None``.
+        device: this rank's device (NCCL reduces CUDA tensors only).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None if failure is None else (0, failure)
+    flag = torch.tensor([0 if failure is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag)
+    if int(flag.item()) == 0:
+        return None
+    reports: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, failure)
+    return next((rank, report) for rank, report in enumerate(reports) if report is not None)
+
+
+def show_progress(ctx: DistContext) -> bool:
+    """Progress bars on rank 0 when stderr is a terminal; a log file gets no ``\\r`` bar lines."""
+    return ctx.is_main and sys.stderr.isatty()
+
+
+def rss_mib() -> float:
+    """Resident memory of this process in MiB (``/proc/self/statm``; the peak where that is missing)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
 
 
 def gather_replica_states(ctx: DistContext, rng: Any, digest: str, iteration: int) -> tuple[list[Any], list[str]]:
@@ -179,12 +221,19 @@ class MetricsLog:
             self.writer.close()
 
 
+def significant(value: float, digits: int = 4) -> float:
+    """``value`` rounded to ``digits`` significant digits (0.04123 stays 0.04123, not 0.0)."""
+    return float(f"{value:.{digits}g}")
+
+
 class Throughput:
-    """Training speed in images/s over all processes (checkpoints and evaluation excluded) and peak GPU memory.
+    """Training speed (images/s over all processes, time and data time per step), ETA and memory.
 
     Timed on rank 0 between optimizer steps; each step ends in a host sync (the loss reduction),
-    so the wall-clock intervals cover the GPU work. Peak memory is ``torch.cuda.max_memory_allocated``
-    of this process's device.
+    so the wall-clock intervals cover the GPU work. Checkpoints and evaluations are left out
+    (:meth:`paused`). Data time is the time spent waiting for the data loader, a part of the step
+    time. Memory is ``torch.cuda.max_memory_allocated`` of this process's device on GPU and the
+    resident set size on CPU.
     """
 
     def __init__(self, ctx: DistContext, images_per_step: int) -> None:
@@ -194,6 +243,7 @@ class Throughput:
         self.seconds = 0.0
         self._window_steps = 0
         self._window_seconds = 0.0
+        self._window_data = 0.0
         self._since = time.perf_counter()
 
     def start(self) -> None:
@@ -203,6 +253,10 @@ class Throughput:
         now = time.perf_counter()
         elapsed, self._since = now - self._since, now
         return elapsed
+
+    def data(self, seconds: float) -> None:
+        """Add time spent waiting for a batch (part of the current step)."""
+        self._window_data += seconds
 
     def step(self) -> None:
         elapsed = self._lap()
@@ -227,20 +281,33 @@ class Throughput:
     def images_per_s(self) -> float:
         return self.steps * self.images_per_step / self.seconds if self.seconds > 0 else 0.0
 
+    def eta_seconds(self, remaining_steps: int) -> float | None:
+        """Time left for ``remaining_steps`` at the mean step time so far (evaluations not included)."""
+        return remaining_steps * self.seconds / self.steps if self.steps else None
+
     def window(self) -> dict[str, float]:
-        """``images_per_s`` since the previous call (and ``max_mem_mib`` on GPU), for a metrics record."""
-        out = {}
+        """Speed since the previous call, for a metrics record.
+
+        ``time`` and ``data_time`` (seconds per step), ``images_per_s``, and ``max_mem_mib`` on GPU
+        or ``rss_mib`` on CPU.
+        """
+        out: dict[str, float] = {}
+        if self._window_steps:
+            out["time"] = significant(self._window_seconds / self._window_steps)
+            out["data_time"] = significant(self._window_data / self._window_steps)
         if self._window_seconds > 0:
-            out["images_per_s"] = round(self._window_steps * self.images_per_step / self._window_seconds, 3)
+            out["images_per_s"] = significant(self._window_steps * self.images_per_step / self._window_seconds)
         peak = self.peak_memory_mib()
         if peak is not None:
             out["max_mem_mib"] = round(peak, 1)
-        self._window_steps, self._window_seconds = 0, 0.0
+        else:
+            out["rss_mib"] = round(rss_mib(), 1)
+        self._window_steps, self._window_seconds, self._window_data = 0, 0.0, 0.0
         return out
 
     def postfix(self) -> dict[str, str]:
         """Short progress-bar fields."""
-        out = {"img/s": f"{self.images_per_s():.1f}"}
+        out = {"img/s": f"{self.images_per_s():.3g}"}
         peak = self.peak_memory_mib()
         if peak is not None:
             out["mem"] = f"{peak / 1024:.1f}G"
@@ -249,4 +316,31 @@ class Throughput:
     def summary(self) -> str:
         peak = self.peak_memory_mib()
         memory = f"peak GPU memory {peak:.0f} MiB (rank 0)" if peak is not None else f"on {self.device.type}"
-        return f"{self.images_per_s():.2f} images/s over {self.seconds:.1f} s of training steps, {memory}"
+        return f"{self.images_per_s():.3g} images/s over {self.seconds:.1f} s of training steps, {memory}"
+
+
+def format_train_line(record: dict[str, Any], total_iters: int, epochs: int) -> str:
+    """The INFO line of a ``train`` record: position, losses, lr, speed, ETA and memory."""
+    parts = [f"iter {record['iter']}/{total_iters}", f"epoch {record['epoch']}/{epochs}"]
+    first = ("loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask")  # mmdetection's log order
+    losses = ["loss", *first, *sorted(k for k in record if k.startswith("loss_") and k not in first), "acc"]
+    parts += [f"{k} {record[k]:.4g}" for k in losses if k in record]
+    parts.append(f"lr {record['lr']:.4g}")
+    if "time" in record:
+        parts.append(f"time {record['time']:.3g} s/it (data {record['data_time']:.3g} s)")
+    if "images_per_s" in record:
+        parts.append(f"{record['images_per_s']:.3g} img/s")
+    if "eta_s" in record:
+        parts.append(f"eta {_duration(record['eta_s'])}")
+    if "max_mem_mib" in record:
+        parts.append(f"max mem {record['max_mem_mib']:.0f} MiB (GPU)")
+    elif "rss_mib" in record:
+        parts.append(f"mem {record['rss_mib']:.0f} MiB (RSS)")
+    return "  ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return (f"{days}d " if days else "") + f"{hours}:{minutes:02d}:{secs:02d}"

@@ -3,11 +3,14 @@
 References (mmdetection 3.3): ``task_modules/assigners/max_iou_assigner.py`` (``MaxIoUAssigner``
 with ``gt_max_assign_all=True``), ``task_modules/samplers/random_sampler.py`` (``RandomSampler``,
 ``add_gt_as_proposals``), ``structures/mask/structures.py::BitmapMasks.crop_and_resize`` and
-``roi_heads/mask_heads/fcn_mask_head.py::get_targets``. Settings are the spec's §5:
-RPN ``MaxIoUAssigner(0.7, 0.3, 0.3, match_low_quality=True)`` + ``RandomSampler(256, 0.5)``;
-R-CNN ``MaxIoUAssigner(0.5, 0.5, 0.5)`` (low-quality matches only for Mask R-CNN) +
-``RandomSampler(512, 0.25, add_gt_as_proposals=True)``. Random choices use the global torch
-RNG (saved in checkpoints), like mmdetection's ``randperm``.
+``roi_heads/mask_heads/fcn_mask_head.py::get_targets``. Settings are those of the Faster and Mask
+R-CNN base configs (``configs/_base_/models/faster-rcnn_r50_fpn.py`` and ``mask-rcnn_r50_fpn.py``,
+``train_cfg``), which the GN+WS configs do not change: RPN ``MaxIoUAssigner(pos_iou_thr=0.7,
+neg_iou_thr=0.3, min_pos_iou=0.3, match_low_quality=True)`` + ``RandomSampler(num=256,
+pos_fraction=0.5, add_gt_as_proposals=False)``; R-CNN ``MaxIoUAssigner(0.5, 0.5, 0.5)`` with
+``match_low_quality=False`` in the Faster R-CNN base and ``True`` in the Mask R-CNN base +
+``RandomSampler(num=512, pos_fraction=0.25, add_gt_as_proposals=True)``. Random choices use the
+global torch RNG (saved in checkpoints), like mmdetection's ``randperm``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import torch
 
 from gnws.cli import main as gnws_main
 from models.config import COCO_CATEGORY_IDS
+from models.preprocess import rescale_size
 from training.data import CocoDetection, collate, segmentation_to_mask
 from training.errors import DatasetError
 
@@ -94,8 +95,9 @@ def _train(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> st
 def test_missing_image_is_reported_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = _broken_copy(tmp_path, lambda r: (r / "train2017" / "000000188421.jpg").unlink())
     err = _train(root, tmp_path, capsys)
-    assert "1 image file(s) listed" in err
-    assert "000000188421.jpg" in err
+    assert "the training data in" in err
+    assert "1 unusable image (1 missing file)" in err
+    assert f"000000188421.jpg: not found in {root / 'train2017'}" in err
 
 
 def test_broken_json_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,8 +136,9 @@ def test_broken_val_json_is_reported_before_training(tmp_path: Path, capsys: pyt
 def test_missing_val_image_is_reported_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = _broken_copy(tmp_path, lambda r: (r / "val2017" / "000000404484.jpg").unlink())
     err = _train(root, tmp_path, capsys)
-    assert "1 evaluation image file(s) listed" in err
-    assert "000000404484.jpg" in err
+    assert "the validation data in" in err
+    assert "1 unusable image (1 missing file)" in err
+    assert "000000404484.jpg: not found in" in err
     assert not (tmp_path / "run").exists()
 
 
@@ -158,3 +161,54 @@ def test_image_entry_without_size_is_a_dataset_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=rf"1 image entry without a valid id/file_name/width/height .*"
                                            rf"{data['images'][1]['file_name']} lacks height"):  # fmt: skip
         CocoDetection(ann, COCO / "train2017")
+
+
+def test_multi_scale_picks_one_of_the_scales_per_image_and_epoch() -> None:
+    scales = ((320, 192), (256, 128), (160, 96))
+    ds = dataset(multi_scale=scales, flip_prob=0.5, with_masks=True)
+    fixed = dataset(image_scale=(320, 192), flip_prob=0.5)
+    seen = set()
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        fixed.set_epoch(epoch)
+        for index in range(len(ds)):
+            sample, info = ds[index], ds.images[index]
+            expected = {(h, w): s for s in scales for w, h in [rescale_size(info["width"], info["height"], *s)]}
+            assert sample.img_shape in expected  # exactly one of the keep-ratio scales
+            seen.add(expected[sample.img_shape])
+            assert sample.masks_ghw.shape[1:] == sample.img_shape
+            assert sample.flipped == fixed[index].flipped  # flips are drawn as without multi-scale
+    assert seen == set(scales)
+
+
+def test_large_scale_jitter_crops_and_pads_to_a_fixed_square() -> None:
+    side = 256
+    ds = dataset(image_scale=(side, side), scale_jitter=(0.3, 2.0), flip_prob=0.5, with_masks=True)
+    shapes, cropped = set(), 0
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        for index in range(len(ds)):
+            s = ds[index]
+            h, w = s.img_shape
+            assert s.image_chw.shape == (3, side, side)  # every image padded to the same square
+            assert h <= side
+            assert w <= side
+            assert s.image_chw[:, h:, :].abs().sum() == 0
+            assert s.image_chw[:, :, w:].abs().sum() == 0
+            assert s.masks_ghw.shape == (len(s.boxes_xyxy), h, w)
+            boxes = s.boxes_xyxy
+            assert bool(((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all())  # no empty box kept
+            assert bool((boxes[:, 0::2] <= w).all() and (boxes[:, 1::2] <= h).all() and (boxes >= 0).all())
+            for box, mask in zip(boxes, s.masks_ghw, strict=True):  # the crop moved masks with their boxes
+                ys, xs = np.nonzero(mask.numpy())
+                if len(xs):
+                    assert xs.min() >= box[0].item() - 1
+                    assert xs.max() <= box[2].item() + 1
+                    assert ys.min() >= box[1].item() - 1
+                    assert ys.max() <= box[3].item() + 1
+            shapes.add((h, w))
+            cropped += max(h, w) == side and len(s.boxes_xyxy) < len(ds.instances(index).labels)
+    assert len(shapes) > 4  # the scale varies
+    assert cropped > 0  # some crops cut boxes away
+    ds.set_epoch(0)
+    torch.testing.assert_close(ds[0].image_chw, ds[0].image_chw)  # reproducible from (seed, epoch, image id)

@@ -52,6 +52,17 @@ def test_training_lowers_loss_and_resume_continues_exactly(
     assert done.returncode == 0, done.stderr[-3000:]
     full = _losses(full_dir)
     assert sorted(full) == list(range(1, 9))
+    # 2 iterations per epoch: iteration i belongs to epoch (i + 1) // 2 in every record
+    records = read_jsonl(full_dir / "metrics.jsonl")
+    assert {(r["type"], r["iter"], r["epoch"]) for r in records} == {
+        (kind, i, (i + 1) // 2) for kind in ("train", "checkpoint") for i in range(1, 9)
+    }
+    lines = [line for line in done.stderr.splitlines() if "training.engine: iter " in line]
+    assert [line.split("training.engine: ")[1].split("  ")[:2] for line in lines] == [
+        [f"iter {i}/8", f"epoch {(i + 1) // 2}/4"] for i in range(1, 9)
+    ]
+    assert all(" img/s  eta " in line and "MiB (RSS)" in line for line in lines)
+    assert "\r" not in done.stderr  # stderr is a pipe: plain lines, no progress bar
     first_epoch, last_epoch = (full[1] + full[2]) / 2, (full[7] + full[8]) / 2
     assert last_epoch < 0.8 * first_epoch, full  # the same 2 images (no flips) 3 epochs later: clearly lower
 

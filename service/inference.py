@@ -66,7 +66,8 @@ class Outcome:
 
     def document(self) -> dict[str, Any]:
         """The response document (:mod:`gnws.request.document`)."""
-        model = model_summary(self.served.name, self.request.predictor, generation=self.served.generation)
+        model = model_summary(self.served.name, self.request.predictor, generation=self.served.generation,
+                              version=self.served.version)
         return response_document(model, [
             image_entry(index=i, filename=img.filename, ori_shape=img.ori_shape, batch_size=img.batch_size,
                         timings=img.timings, detections=img.detections)

@@ -1,0 +1,1 @@
+"""Checks of the Kubernetes and KServe manifests in deploy/ that need no cluster."""

@@ -75,9 +75,10 @@ def version_path(name: str, version: int, store: Path | None = None) -> Path:
 def list_versions(name: str, store: Path | None = None) -> list[int]:
     """The versions of ``name`` in the store, oldest first (empty for a plain or missing model)."""
     folder = versions_dir(name, store)
-    if not folder.is_dir():
+    try:
+        return sorted(int(p.stem) for p in folder.glob(f"*{MODEL_SUFFIX}") if p.stem.isdigit() and int(p.stem) > 0)
+    except (OSError, ValueError):  # a name no file system would hold (too long, a NUL byte, ...): no versions
         return []
-    return sorted(int(p.stem) for p in folder.glob(f"*{MODEL_SUFFIX}") if p.stem.isdigit() and int(p.stem) > 0)
 
 
 def latest_version(name: str, store: Path | None = None) -> int | None:

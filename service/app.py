@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager, suppress
 
 import cv2
 import torch
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -28,7 +28,8 @@ from gnws.request.errors import message_of
 from models import GnwsError, Predictor
 from models.resolve import ModelRef
 
-from .deps import ServiceState
+from . import openapi
+from .deps import ServiceState, require_api_key
 from .inference import InferencePipeline
 from .limits import IMAGE_PATHS, BodyLimitMiddleware
 from .metrics import HTTPMetricsMiddleware, Metrics
@@ -48,26 +49,35 @@ def _set_threads(threads: int | None) -> None:
 
 
 def create_app(
-    settings: Settings | None = None, *, loader: Callable[[ModelRef], Predictor] | None = None
+    settings: Settings | None = None,
+    *,
+    loader: Callable[[ModelRef], Predictor] | None = None,
+    forward_workers: int = 1,
 ) -> FastAPI:
     """Build the service.
 
     Args:
         settings: default to the environment (``GNWS_*``).
-        loader: ``(resolved model reference) -> Predictor`` instead of :meth:`Predictor.load` (tests).
+        loader: ``(resolved model reference) -> Predictor`` instead of :meth:`Predictor.load` (tests,
+            and remote predictors: :mod:`service.ray_serve`).
+        forward_workers: forward passes in flight at once per model: 1 for local models (the
+            default: passes would only fight over the cores), the replica count for remote ones.
     """
     settings = settings or Settings()
     metrics = Metrics(max_batch_size=settings.max_batch_size)
-    # One inference thread: forward passes never overlap (they would only fight over the cores).
+    # One inference thread per forward pass in flight: local passes never overlap (they would only fight
+    # over the cores); remote ones (Ray replicas) wait in as many threads as there are replicas.
     infer_executor = ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="gnws-infer", initializer=_set_threads, initargs=(settings.torch_threads,)
+        max_workers=forward_workers, thread_name_prefix="gnws-infer", initializer=_set_threads,
+        initargs=(settings.torch_threads,),
     )
     load_executor = ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="gnws-load", initializer=_set_threads, initargs=(settings.torch_threads,)
     )
     cpu_executor = ThreadPoolExecutor(max_workers=CPU_WORKERS, thread_name_prefix="gnws-cpu")
     registry = ModelRegistry(
-        settings, metrics, infer_executor=infer_executor, load_executor=load_executor, loader=loader
+        settings, metrics, infer_executor=infer_executor, load_executor=load_executor, loader=loader,
+        forward_workers=forward_workers,
     )
     pipeline = InferencePipeline(settings, registry, metrics, cpu_executor)
     state = ServiceState(settings=settings, metrics=metrics, registry=registry, pipeline=pipeline)
@@ -104,10 +114,14 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gnws = state
+    key = [Depends(require_api_key)]
     app.include_router(inference.router)
     app.include_router(models.router)
+    app.include_router(models.listing_router, dependencies=key if settings.models_need_key else [])
     app.include_router(v2.router)
+    app.include_router(v2.metadata_router, dependencies=key if settings.models_need_key else [])
     app.include_router(health.router)
+    app.include_router(health.metrics_router, dependencies=key if settings.metrics_need_key else [])
     app.include_router(web.router)
     app.add_exception_handler(GnwsError, _domain_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error_handler)  # type: ignore[arg-type]
@@ -116,6 +130,7 @@ def create_app(
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"])
+    openapi.install(app, registry)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_json_bytes, image_paths=IMAGE_PATHS)
     app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)
     return app

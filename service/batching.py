@@ -74,6 +74,8 @@ class Batcher:
         max_batch_size: most images per forward pass.
         max_delay_s: longest wait for more images of the same padded shape.
         queue_size: most images waiting; more are refused.
+        workers: forward passes in flight at once (1 for a local model, whose passes would only
+            fight over the cores; the number of inference replicas when the model runs remotely).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class Batcher:
         max_batch_size: int,
         max_delay_s: float,
         queue_size: int,
+        workers: int = 1,
     ) -> None:
         self.name = name
         self._executor = executor
@@ -93,9 +96,10 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
         self._waiting: deque[_Job] = deque()
-        self._running: list[_Job] = []
+        self._running: list[_Job] = []  # the jobs of every batch in a forward pass now
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._workers = workers
+        self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._seconds_per_image: float | None = None  # moving average of recent forward passes
 
@@ -123,8 +127,10 @@ class Batcher:
         )
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._work(), name=f"batcher-{self.name}")
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._work(), name=f"batcher-{self.name}-{i}")
+                           for i in range(self._workers)]
 
     async def stop(self, grace_s: float) -> None:
         """Refuse new images, let waiting and running ones finish for up to ``grace_s``, then fail the rest."""
@@ -133,11 +139,11 @@ class Batcher:
         while (self._waiting or self._running) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         unfinished = [*self._running, *self._waiting]  # taken before the cancel empties ``_running``
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
         for job in unfinished:
             if not job.future.done():
                 job.future.set_exception(NotReadyError("the server is shutting down; retry on another instance"))
@@ -185,16 +191,7 @@ class Batcher:
             while not self._waiting:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            try:
-                await self._next_batch()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug here must not stop the line: log it, fail that batch, go on
-                logger.exception("the batcher of %s failed; its current images get an error", self.name)
-                for job in self._running:
-                    if not job.future.done():
-                        job.future.set_exception(RuntimeError("internal batching error"))
-                self._running = []
+            await self._next_batch()
 
     async def _next_batch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -214,12 +211,20 @@ class Batcher:
             if not self._waiting:
                 break
         batch = self._take(key, limit)
-        if batch:
-            self._running = batch
-            try:
-                await self._run_batch(batch)
-            finally:
-                self._running = []
+        if not batch:
+            return
+        self._running.extend(batch)
+        try:
+            await self._run_batch(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must not stop the line: log it, fail that batch, go on
+            logger.exception("the batcher of %s failed; its current images get an error", self.name)
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(RuntimeError("internal batching error"))
+        finally:
+            self._running = [job for job in self._running if job not in batch]
 
     def _count(self, key: tuple[int, tuple[int, int]]) -> int:
         return sum(1 for job in self._waiting if job.key == key)

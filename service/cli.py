@@ -63,6 +63,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-warmup", dest="warmup", action="store_false", default=None,
                    help="skip the warm-up forward pass per model")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    ray = p.add_argument_group("Ray Serve (pip install 'gnws[ray]'; see docs/scaling.md)")
+    ray.add_argument("--ray", metavar="ADDRESS", help="deploy on the Ray cluster at ADDRESS (e.g. 10.0.0.5:6379, or "
+                     "auto) instead of running uvicorn here: this app as the ingress, forward passes on replicas")
+    ray.add_argument("--replicas", type=int, default=1, help="inference replicas (the minimum with --max-replicas)")
+    ray.add_argument("--max-replicas", type=int, help="autoscale up to this many replicas by ongoing requests")
+    ray.add_argument("--max-replicas-per-node", type=int, help="spread replicas over nodes (1: one per node)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica (its torch threads too)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -97,6 +104,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     prepare_zoo_models(settings.model_sources(), offline=settings.offline, store=settings.model_store)
     for source in settings.model_sources():
         resolve_startup_source(source, settings.model_store)
+    if args.ray:
+        from .ray_serve import run
+
+        if args.replicas < 1 or (args.max_replicas is not None and args.max_replicas < args.replicas):
+            raise ConfigurationError("--replicas must be >= 1 and --max-replicas >= --replicas")
+        logger.info("deploying on the Ray cluster at %s; the proxy serves http://%s:%d", args.ray, settings.host,
+                    settings.port)
+        run(settings, args.ray, replicas=args.replicas, max_replicas=args.max_replicas,
+            max_replicas_per_node=args.max_replicas_per_node, replica_cpus=args.replica_cpus)
+        return 0
     app = create_app(settings)
     logger.info("serving on http://%s:%d (docs at /docs, page at /)", settings.host, settings.port)
     uvicorn.Server(uvicorn_config(app, settings, log_level=args.log_level)).run()

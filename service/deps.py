@@ -65,7 +65,8 @@ def require_api_key(
     header_key: Annotated[str | None, Security(_api_key_header)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> None:
-    """Admin endpoints: the request must carry the configured API key (``X-API-Key`` or bearer)."""
+    """Admin endpoints (and, when the operator asks for it, the metrics and model listings): the
+    request must carry the configured API key (``X-API-Key`` or bearer)."""
     if settings.api_key is None:
         raise ReloadDisabledError("this server has no API key configured (GNWS_API_KEY), so reloads are disabled")
     _check_key(settings, header_key, bearer)
@@ -75,35 +76,10 @@ ApiKeyDep = Annotated[None, Depends(require_api_key)]
 
 
 def _check_key(settings: Settings, header_key: str | None, bearer: HTTPAuthorizationCredentials | None) -> None:
-    """Read routes the operator protected: the API key if one is configured (open without one)."""
-    if settings.api_key is None:
-        return
+    if settings.api_key is None:  # pragma: no cover - require_api_key refuses first
+        raise ReloadDisabledError("this server has no API key configured (GNWS_API_KEY)")
     given = header_key or (bearer.credentials if bearer else None)
     if not given:
         raise AuthenticationError("this endpoint needs the API key: send it as X-API-Key or Authorization: Bearer")
     if not hmac.compare_digest(given.encode(), settings.api_key.get_secret_value().encode()):
         raise AuthenticationError("the API key is wrong")
-
-
-def require_key_for_models(
-    settings: SettingsDep,
-    header_key: Annotated[str | None, Security(_api_key_header)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-) -> None:
-    """Model listings: the API key when ``models_need_key`` is set."""
-    if settings.models_need_key:
-        _check_key(settings, header_key, bearer)
-
-
-def require_key_for_metrics(
-    settings: SettingsDep,
-    header_key: Annotated[str | None, Security(_api_key_header)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
-) -> None:
-    """``GET /metrics``: the API key when ``metrics_need_key`` is set."""
-    if settings.metrics_need_key:
-        _check_key(settings, header_key, bearer)
-
-
-ModelsReadDep = Annotated[None, Depends(require_key_for_models)]
-MetricsReadDep = Annotated[None, Depends(require_key_for_metrics)]

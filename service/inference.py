@@ -54,6 +54,7 @@ class ImageOutcome:
     timings: Timings
     detections: list[dict[str, Any]]
     rgb: np.ndarray | None  # the decoded image, kept only to draw on (format=png|jpeg)
+    worker: str | None = None  # the remote replica that ran the forward pass, if any
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class Outcome:
                               version=self.served.version)
         return response_document(model, [
             image_entry(index=i, filename=img.filename, ori_shape=img.ori_shape, batch_size=img.batch_size,
-                        timings=img.timings, detections=img.detections)
+                        timings=img.timings, detections=img.detections, worker=img.worker)
             for i, img in enumerate(self.images)
         ])  # fmt: skip
 
@@ -187,7 +188,7 @@ class InferencePipeline:
                                   inference_ms=result.inference_s * 1e3, encode_ms=encode_s * 1e3)
                 images.append(ImageOutcome(filename=p.filename, ori_shape=p.prepared.ori_shape,
                                            batch_size=result.batch_size, timings=timings, detections=detections,
-                                           rgb=p.rgb))
+                                           rgb=p.rgb, worker=result.raw.worker))
             return Outcome(served=served, request=request, images=images)
 
     async def draw(self, outcome: Outcome) -> bytes:

@@ -51,6 +51,12 @@ from .uploads import Upload
 INPUT_NAME = "IMAGE"
 HEADER_LENGTH = "inference-header-content-length"
 PARAMETER_NAMES = ("score_threshold", "max_detections", "classes")
+# name -> (accepted JSON types, refused subtypes, in words): protocol parameters are typed JSON values
+PARAMETER_TYPES: dict[str, tuple[type | tuple[type, ...], type | tuple[type, ...], str]] = {
+    "score_threshold": ((int, float), bool, "a number"),
+    "max_detections": ((int, float), bool, "an integer"),
+    "classes": (str, (), "a comma-separated string of class names or ids"),
+}
 BOX_OUTPUTS = ("num_detections", "boxes", "scores", "category_ids", "category_names", "image_sizes")
 MASK_OUTPUTS = ("masks_rle",)
 DATATYPES = {"num_detections": "INT32", "boxes": "FP32", "scores": "FP32", "category_ids": "INT32",
@@ -137,7 +143,10 @@ def parse_infer_request(body: bytes, header_length: str | None, *, max_images: i
     if not 1 <= count <= max_images:
         raise BadRequestError(f"the request has {count} images; send 1 to {max_images}")
     binary = body[json_len:]
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
+    tensor_parameters = tensor.get("parameters", {})
+    if not isinstance(tensor_parameters, dict):
+        raise BadRequestError("the input's parameters must be a JSON object")
+    size = tensor_parameters.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
             raise BadRequestError(
@@ -148,31 +157,42 @@ def parse_infer_request(body: bytes, header_length: str | None, *, max_images: i
         if binary:
             raise BadRequestError("binary data follows the JSON header, but the input has no binary_data_size")
         images = _json_images(tensor.get("data"), count)
-    parameters = header.get("parameters") or {}
+    parameters = header.get("parameters", {})
     if not isinstance(parameters, dict):
         raise BadRequestError("parameters must be a JSON object")
     for key, value in parameters.items():
         if not isinstance(value, str | int | float | bool):
             raise InvalidParameterError(f"parameter {key!r}: protocol parameters are strings, numbers or booleans")
-    binary_default = parameters.get("binary_data_output") is True
+        expected = PARAMETER_TYPES.get(key)
+        if expected is not None and (not isinstance(value, expected[0]) or isinstance(value, expected[1])):
+            raise InvalidParameterError(f"parameter {key!r}: expected {expected[2]}, got {value!r}")
+    binary_default = _flag(parameters, "binary_data_output", False)
     outputs = None
-    if header.get("outputs") is not None:
+    if "outputs" in header:
         requested = header["outputs"]
         if not isinstance(requested, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
                                                        for o in requested):
             raise BadRequestError("outputs must be a list of objects with a name")
-        outputs = {o["name"]: bool((o.get("parameters") or {}).get("binary_data", binary_default)) for o in requested}
+        outputs = {o["name"]: _flag(o.get("parameters", {}), "binary_data", binary_default) for o in requested}
     request_id = header.get("id")
     return InferRequest(id=str(request_id) if request_id is not None else None,
                         images=[Upload(data=image) for image in images], parameters=parameters,
                         outputs=outputs, binary_default=binary_default)
 
 
+def _flag(parameters: Any, name: str, default: bool) -> bool:
+    if not isinstance(parameters, dict):
+        raise BadRequestError("parameters must be a JSON object")
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise BadRequestError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def _element_count(shape: Any) -> int:
-    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise BadRequestError(f"the input shape must be a list of sizes, [N] for N images; got {shape!r}")
-    if any(d != 1 for d in shape[1:]):
-        raise BadRequestError(f"the input shape must be [N] (one encoded image per element), got {shape}")
+    if (not isinstance(shape, list) or len(shape) != 1 or not isinstance(shape[0], int)
+            or isinstance(shape[0], bool) or shape[0] < 0):
+        raise BadRequestError(f"the input shape must be [N] for N encoded images, got {shape!r}")
     return shape[0]
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from gnws.request.document import public_text
 from gnws.request.errors import (
     ArchitectureMismatchError,
-    InvalidParameterError,
+    ConflictError,
     LoadFailedError,
     NotReadyError,
     ReloadFailedError,
@@ -116,6 +116,7 @@ class ModelRegistry:
         infer_executor: where forward passes run.
         load_executor: where models load and warm up (not the inference thread, so serving goes on).
         loader: ``(resolved reference) -> Predictor``; overridable in tests.
+        forward_workers: forward passes in flight per model (see :class:`~service.batching.Batcher`).
     """
 
     def __init__(
@@ -126,12 +127,14 @@ class ModelRegistry:
         infer_executor: Executor,
         load_executor: Executor,
         loader: Callable[[ModelRef], Predictor] | None = None,
+        forward_workers: int = 1,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self._infer_executor = infer_executor
         self._load_executor = load_executor
         self._loader = loader or self._default_loader
+        self._forward_workers = forward_workers
         self._models: dict[str, ServedModel] = {}
         self._batchers: dict[str, Batcher] = {}
         self._roles: dict[Role, str] = {}
@@ -185,6 +188,7 @@ class ModelRegistry:
                 max_batch_size=s.max_batch_size,
                 max_delay_s=s.max_batch_delay_ms / 1000,
                 queue_size=s.queue_size,
+                workers=self._forward_workers,
             )
             batcher.start()
             self._batchers[res.name] = batcher
@@ -259,18 +263,15 @@ class ModelRegistry:
         Raises:
             ModelReferenceError: the source is outside the store or not a usable file name.
             WeightsNotFoundError: no such file in the store.
-            InvalidParameterError: ``version`` for a model that has no versions, or with ``source``.
+            ConflictError: ``version`` of a model that has no versions.
         """
-        if version is not None:
-            if source is not None:
-                raise InvalidParameterError("give source or version, not both")
-            if served.ref.kind != "store" or served.ref.version is None:
-                raise InvalidParameterError(
-                    f"{served.name} is not a versioned model-store model, so it has no version {version}"
-                )
-            source = f"{served.ref.name}/{version}"
         default = served.ref.name if served.ref.kind in ("zoo", "store") else served.name
-        return resolve_model(source or default, store=self.settings.model_store, within_store=True)
+        if version is None:
+            return resolve_model(source or default, store=self.settings.model_store, within_store=True)
+        base = source or served.ref.name
+        if not list_versions(base, self.settings.model_store):
+            raise ConflictError(f"{base} is not a versioned model in the model store, so it has no version {version}")
+        return resolve_model(f"{base}/{version}", store=self.settings.model_store, within_store=True)
 
     async def reload(
         self, name: str, source: str | None = None, *, version: int | None = None, replace_architecture: bool = False
@@ -279,7 +280,7 @@ class ModelRegistry:
 
         Args:
             source: a model-store name or file name (default: the served model's own entry).
-            version: a version of the served versioned model (a rollback): pins it.
+            version: a version of the served versioned model, or of ``source`` (a rollback): pins it.
             replace_architecture: allow a file of another architecture.
 
         Returns:
@@ -330,7 +331,7 @@ class ModelRegistry:
         self, old: ServedModel, info: ModelInfo, ref: ModelRef, *, replace_architecture: bool
     ) -> None:
         if "segment" in self.roles_of(old.name) and not info.config.has_mask:
-            raise CheckpointError(
+            raise ArchitectureMismatchError(
                 f"{source_label(ref)} has no mask head but {old.name} serves /v1/segment; "
                 "reload it with a Mask R-CNN model"
             )

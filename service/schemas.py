@@ -16,6 +16,12 @@ class ErrorResponse(BaseModel):
     detail: str | list[Any]
 
 
+class ProtocolError(BaseModel):
+    """Every 4xx/5xx body under ``/v2`` (the Open Inference Protocol's error shape)."""
+
+    error: str
+
+
 class RLE(BaseModel):
     """COCO compressed run-length encoding of a mask (column-major, ``pycocotools`` format)."""
 
@@ -52,6 +58,8 @@ class ImageResult(BaseModel):
     width: int = Field(description="width after EXIF orientation")
     height: int = Field(description="height after EXIF orientation")
     batch_size: int = Field(description="images in the forward pass this image was part of")
+    worker: str | None = Field(default=None, description="the inference replica that ran its forward pass "
+                               "(Ray Serve deployments: replica id @ node id)")
     timings: Timings
     detections: list[Detection]
 
@@ -112,7 +120,7 @@ class ReloadRequest(BaseModel):
     source: str | None = Field(
         default=None,
         min_length=1,
-        max_length=256,
+        max_length=200,
         pattern=SOURCE_PATTERN,
         description="a zoo key, a model-store name (its newest version) or a .safetensors file name inside the "
         "model store; default: the served name",
@@ -121,8 +129,8 @@ class ReloadRequest(BaseModel):
     version: int | None = Field(
         default=None,
         ge=1,
-        description="a version of the served versioned model: a rollback (or roll-forward) to it. The store "
-        "watcher then keeps this version until a reload without `version`",
+        description="a version of the served versioned model (or of `source`): a rollback (or roll-forward) "
+        "to it. The store watcher then keeps this version until a reload without `version`",
     )
     replace_architecture: bool = Field(
         default=False,

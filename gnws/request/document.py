@@ -71,12 +71,14 @@ def image_entry(
     batch_size: int,
     timings: Timings,
     detections: Sequence[Mapping[str, Any]],
+    worker: str | None = None,
 ) -> dict[str, Any]:
-    """One image's part of the document (``ori_shape`` is ``(height, width)`` after EXIF orientation)."""
+    """One image's part of the document (``ori_shape`` is ``(height, width)`` after EXIF orientation;
+    ``worker``: the remote replica that ran its forward pass, when there is one)."""
     height, width = ori_shape
     return without_none({
         "index": index, "filename": filename, "width": width, "height": height, "batch_size": batch_size,
-        "timings": timings.as_dict(), "detections": list(detections),
+        "worker": worker, "timings": timings.as_dict(), "detections": list(detections),
     })  # fmt: skip
 
 

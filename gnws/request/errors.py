@@ -83,7 +83,11 @@ class ReloadSourceError(ServiceError):
     """A reload source is outside the model store or not a model file."""
 
 
-class ArchitectureMismatchError(ServiceError):
+class ConflictError(ServiceError):
+    """The request is well-formed but conflicts with what a served model is (409)."""
+
+
+class ArchitectureMismatchError(ConflictError):
     """A reload would put another architecture behind a served name without being asked to."""
 
 
@@ -109,7 +113,7 @@ STATUS_BY_ERROR: dict[type[GnwsError], int] = {
     UnknownClassError: 422,
     CheckpointError: 422,
     UploadTimeoutError: 408,
-    ArchitectureMismatchError: 409,
+    ConflictError: 409,
     OverloadedError: 429,
     RequestTimeoutError: 503,
     NotReadyError: 503,

@@ -84,6 +84,10 @@ class RequestParams:
             raise InvalidParameterError(
                 f"classes: at most {CLASSES_MAX_LENGTH} characters of class names or ids, without control characters"
             )
+        if any(not token.strip() for item in self.classes for token in item.split(",")):
+            raise InvalidParameterError(
+                "classes: an empty class name; give names or COCO ids, e.g. classes=person,car (omit it for all)"
+            )
         if self.format not in IMAGE_FORMATS:
             raise InvalidParameterError(f"format: expected one of {', '.join(IMAGE_FORMATS)}, got {self.format!r}")
 
@@ -135,6 +139,8 @@ def _number(fields: Mapping[str, Any], name: str, kind: type[int] | type[float])
         return float(value)
     if kind is int and isinstance(value, int):
         return value
+    if kind is int and isinstance(value, float) and value.is_integer():  # JSON's 3.0 is the integer 3
+        return int(value)
     text = _text(fields, name)
     if text is None or text == "":
         return None

@@ -6,10 +6,12 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..deps import MetricsDep, MetricsReadDep, RegistryDep, SettingsDep
+from ..deps import MetricsDep, RegistryDep, SettingsDep
 from ..schemas import HealthResponse
 
 router = APIRouter(tags=["health"])
+# Its own router: the app adds the API-key dependency to it when ``metrics_need_key`` is set.
+metrics_router = APIRouter(tags=["health"])
 
 
 @router.get(
@@ -45,11 +47,11 @@ async def readyz(registry: RegistryDep, settings: SettingsDep) -> HealthResponse
     return JSONResponse(body.model_dump(), status_code=503, headers=headers)
 
 
-@router.get(
+@metrics_router.get(
     "/metrics",
     response_class=Response,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text"}},
 )
-async def metrics(m: MetricsDep, _auth: MetricsReadDep) -> Response:
+async def metrics(m: MetricsDep) -> Response:
     """Prometheus metrics."""
     return Response(content=m.render(), media_type=CONTENT_TYPE_LATEST)

@@ -18,6 +18,8 @@ from ..uploads import read_uploads
 router = APIRouter(tags=["inference"])
 
 _BINARY = {"type": "string", "format": "binary"}
+# What the decoder reads (models.preprocess.DECODABLE_FORMATS); application/octet-stream is read the same way.
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/bmp", "image/gif", "image/tiff", "image/webp")
 IMAGE_REQUEST_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -25,9 +27,9 @@ IMAGE_REQUEST_BODY: dict[str, Any] = {
         "content": {
             "multipart/form-data": {
                 "schema": {"type": "object", "properties": {"file": _BINARY}, "required": ["file"]},
+                "encoding": {"file": {"contentType": ", ".join(IMAGE_MEDIA_TYPES)}},
             },
-            "image/jpeg": {"schema": _BINARY},
-            "image/png": {"schema": _BINARY},
+            **{media_type: {"schema": _BINARY} for media_type in IMAGE_MEDIA_TYPES},
             "application/octet-stream": {"schema": _BINARY},
         },
     }

@@ -11,12 +11,14 @@ from gnws.request import model_summary
 from gnws.request.errors import BadRequestError, InvalidParameterError
 from models import ZOO
 
-from ..deps import ApiKeyDep, ModelsReadDep, RegistryDep, SettingsDep
+from ..deps import ApiKeyDep, RegistryDep, SettingsDep
 from ..registry import ModelRegistry, ServedModel
 from ..schemas import ErrorResponse, ModelsResponse, ReloadRequest, ReloadResponse
 from ..uploads import read_body
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+# Its own router: the app adds the API-key dependency to it when ``models_need_key`` is set.
+listing_router = APIRouter(prefix="/v1/models", tags=["models"])
 
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
 
@@ -43,7 +45,7 @@ def model_details(registry: ModelRegistry, served: ServedModel) -> dict[str, Any
     }
 
 
-@router.get(
+@listing_router.get(
     "",
     response_model=ModelsResponse,
     responses={
@@ -51,7 +53,7 @@ def model_details(registry: ModelRegistry, served: ServedModel) -> dict[str, Any
         503: {"model": ErrorResponse, "description": "models still loading", "headers": _RETRY_AFTER},
     },
 )
-async def list_models(registry: RegistryDep, _auth: ModelsReadDep) -> ModelsResponse:
+async def list_models(registry: RegistryDep) -> ModelsResponse:
     """Loaded models with their classes, versions, provenance and published COCO AP."""
     registry.require_ready()
     return ModelsResponse.model_validate({"models": [model_details(registry, m) for m in registry.models()]})

@@ -17,33 +17,91 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 
 import gnws
-from gnws.request import RequestParams
+from gnws.request import RequestParams, params
 from gnws.request.errors import BadRequestError, UnknownModelError
 
 from .. import oip
-from ..deps import ModelsReadDep, PipelineDep, RegistryDep, SettingsDep
+from ..deps import PipelineDep, RegistryDep, SettingsDep
 from ..inference import InferencePipeline
 from ..registry import ModelRegistry, ServedModel
+from ..schemas import ProtocolError
 from ..settings import Settings
 from ..uploads import read_body
-from .inference import RESPONSES
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
+# Model metadata: its own router, which the app protects with the API key when ``models_need_key`` is set.
+metadata_router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
 
 NameP = Annotated[str, Path(max_length=256, description="served model name")]
 VersionP = Annotated[str, Path(max_length=32, description="model version (its model-store version, or 1)")]
 
+_PARAMETERS = {
+    "type": "object",
+    "description": "score_threshold, max_detections, classes (comma-separated), binary_data_output; others "
+    "are ignored",
+    "properties": {
+        "score_threshold": {"type": "number", "minimum": params.SCORE_THRESHOLD_MIN,
+                            "maximum": params.SCORE_THRESHOLD_MAX},
+        "max_detections": {"type": "integer", "minimum": 0, "maximum": params.MAX_DETECTIONS_LIMIT},
+        "classes": {"type": "string", "maxLength": params.CLASSES_MAX_LENGTH},
+        "binary_data_output": {"type": "boolean"},
+    },
+    "additionalProperties": {"type": ["string", "number", "boolean"]},
+}
+# The JSON form documented here carries one image (base64); batches of images and raw bytes go in the
+# binary tensor data extension (a JSON header then the tensor bytes, Inference-Header-Content-Length),
+# which is how Triton's and KServe's clients send them.
 _INFER_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "description": "an inference request: JSON, or a JSON header of Inference-Header-Content-Length bytes "
-        "followed by binary tensor data",
+        "description": "an inference request: this JSON, or a JSON header of Inference-Header-Content-Length "
+        "bytes followed by the binary tensor data (IMAGE: BYTES [N], each element a 4-byte little-endian length "
+        "and an encoded image)",
         "content": {
-            "application/json": {"schema": {"type": "object", "required": ["inputs"]}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {
+                "type": "object",
+                "required": ["inputs"],
+                "properties": {
+                    "id": {"type": "string", "maxLength": 256},
+                    "parameters": _PARAMETERS,
+                    "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+                        "type": "object",
+                        "required": ["name", "shape", "datatype", "data"],
+                        "properties": {
+                            "name": {"type": "string", "enum": [oip.INPUT_NAME]},
+                            "datatype": {"type": "string", "enum": ["BYTES"]},
+                            "shape": {"type": "array", "minItems": 1, "maxItems": 1,
+                                      "items": {"type": "integer", "minimum": 1, "maximum": 1}},
+                            "data": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+                                "type": "string", "format": "byte", "contentEncoding": "base64",
+                                "contentMediaType": "image/*"}},
+                        },
+                    }},
+                    "outputs": {"type": "array", "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string", "enum": list(oip.DATATYPES)},
+                            "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
+                        },
+                    }},
+                },
+            }},
         },
     }
 }
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
+OIP_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ProtocolError, "description": "malformed request, tensors or image"},
+    401: {"model": ProtocolError, "description": "API key missing or wrong (model metadata, when models_need_key)"},
+    404: {"model": ProtocolError, "description": "no such model or version"},
+    408: {"model": ProtocolError, "description": "the body did not arrive in time"},
+    413: {"model": ProtocolError, "description": "body over the upload limit, or too many pixels"},
+    422: {"model": ProtocolError, "description": "invalid parameters"},
+    429: {"model": ProtocolError, "description": "queue full; retry later", "headers": _RETRY_AFTER},
+    503: {"model": ProtocolError, "description": "not ready, or the request timed out", "headers": _RETRY_AFTER},
+}
+_NOT_READY: dict[int | str, dict[str, Any]] = {503: OIP_ERRORS[503]}
 
 
 def served_version(served: ServedModel) -> str:
@@ -68,14 +126,14 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": "gnws", "version": gnws.__version__, "extensions": ["binary_tensor_data"]}
 
 
-@router.get("/health/live", summary="Server liveness")
+@router.get("/health/live", summary="Server liveness", responses=_NOT_READY)
 async def live(registry: RegistryDep) -> JSONResponse:
     if registry.state == "failed":
         return JSONResponse({"error": f"the server could not load its models: {registry.failure}"}, status_code=503)
     return JSONResponse({"live": True})
 
 
-@router.get("/health/ready", summary="Server readiness")
+@router.get("/health/ready", summary="Server readiness", responses=_NOT_READY)
 async def ready(registry: RegistryDep) -> dict[str, bool]:
     registry.require_ready()  # 503 with the reason (and Retry-After while loading)
     return {"ready": True}
@@ -112,40 +170,40 @@ async def _infer(pipeline: InferencePipeline, settings: Settings, request: Reque
     return Response(content=content, headers=headers)
 
 
-@router.get("/models/{name}", summary="Model metadata")
-async def metadata(name: NameP, registry: RegistryDep, _auth: ModelsReadDep) -> dict[str, Any]:
+@metadata_router.get("/models/{name}", summary="Model metadata", responses=OIP_ERRORS)
+async def metadata(name: NameP, registry: RegistryDep) -> dict[str, Any]:
     """The model's input and output tensors."""
     return _metadata(registry, name, None)
 
 
-@router.get("/models/{name}/versions/{version}", summary="Model metadata (one version)")
-async def version_metadata(
-    name: NameP, version: VersionP, registry: RegistryDep, _auth: ModelsReadDep
-) -> dict[str, Any]:
+@metadata_router.get("/models/{name}/versions/{version}", summary="Model metadata (one version)",
+                     responses=OIP_ERRORS)
+async def version_metadata(name: NameP, version: VersionP, registry: RegistryDep) -> dict[str, Any]:
     """The model's input and output tensors, for the version it serves."""
     return _metadata(registry, name, version)
 
 
-@router.get("/models/{name}/ready", summary="Model readiness")
+@router.get("/models/{name}/ready", summary="Model readiness", responses=OIP_ERRORS)
 async def model_ready(name: NameP, registry: RegistryDep) -> dict[str, Any]:
     """200 when the model answers inference requests (404 unknown, 503 not ready)."""
     return _ready(registry, name, None)
 
 
-@router.get("/models/{name}/versions/{version}/ready", summary="Model readiness (one version)")
+@router.get("/models/{name}/versions/{version}/ready", summary="Model readiness (one version)",
+            responses=OIP_ERRORS)
 async def version_ready(name: NameP, version: VersionP, registry: RegistryDep) -> dict[str, Any]:
     """200 when the model serves this version (404 unknown model or version, 503 not ready)."""
     return _ready(registry, name, version)
 
 
-@router.post("/models/{name}/infer", summary="Inference", openapi_extra=_INFER_BODY, responses=RESPONSES)
+@router.post("/models/{name}/infer", summary="Inference", openapi_extra=_INFER_BODY, responses=OIP_ERRORS)
 async def infer(name: NameP, request: Request, pipeline: PipelineDep, settings: SettingsDep) -> Response:
     """Detections for a batch of encoded images (see :mod:`service.oip` for the tensors)."""
     return await _infer(pipeline, settings, request, name, None)
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference (one version)",
-             openapi_extra=_INFER_BODY, responses=RESPONSES)
+             openapi_extra=_INFER_BODY, responses=OIP_ERRORS)
 async def version_infer(
     name: NameP, version: VersionP, request: Request, pipeline: PipelineDep, settings: SettingsDep
 ) -> Response:

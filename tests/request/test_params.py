@@ -20,6 +20,7 @@ def test_json_values_as_the_open_inference_protocol_sends_them() -> None:
     assert params == RequestParams(score_threshold=0.5, max_detections=3, classes=("dog", "cat"))
     assert RequestParams.from_fields({}) == RequestParams()
     assert RequestParams.from_fields({"score_threshold": "", "model": ""}) == RequestParams()
+    assert RequestParams.from_fields({"max_detections": 3.0}).max_detections == 3  # JSON says 3.0 is an integer
 
 
 @pytest.mark.parametrize(("fields", "message"), [
@@ -32,6 +33,8 @@ def test_json_values_as_the_open_inference_protocol_sends_them() -> None:
     ({"format": b"gif"}, "json, png, jpeg"),
     ({"polygons": b"maybe"}, "true or false"),
     ({"classes": "a\x00b"}, "control characters"),
+    ({"classes": "person,,car"}, "an empty class name"),
+    ({"classes": ["dog", " "]}, "an empty class name"),
     ({"classes": "x" * 3000}, "at most 2048"),
     ({"model": b"\xff"}, "UTF-8"),
 ])

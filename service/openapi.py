@@ -1,0 +1,64 @@
+"""The OpenAPI schema with the served models' real constraints.
+
+FastAPI's schema says what the routes accept in general; which model names and classes a request
+may name depends on the models this server loaded. Once they are ready, :func:`install` fills
+them in: ``model`` and ``{name}`` list the served names (``/v1/segment``: Mask R-CNN models only),
+and ``classes`` lists their class names and COCO category ids. The server also accepts class
+names in any case and comma-separated lists (``classes=person,car``); the schema lists the
+canonical spellings. Before the models are ready the general schema is served, uncached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from .registry import ModelRegistry, ServedModel
+
+
+def install(app: FastAPI, registry: ModelRegistry) -> None:
+    """Replace ``app.openapi`` with one that documents the served models once they are loaded."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        if registry.ready:
+            document_models(schema, registry.models())
+            app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _tokens(models: Iterable[ServedModel]) -> list[str]:
+    seen: dict[str, None] = {}
+    for served in models:
+        seen.update(dict.fromkeys(served.predictor.classes))
+        seen.update(dict.fromkeys(str(cid) for cid in served.predictor.category_ids))
+    return list(seen)
+
+
+def document_models(schema: dict[str, Any], models: list[ServedModel]) -> None:
+    """Fill in model names and class names/ids (see the module docstring)."""
+    masks = [m for m in models if m.predictor.has_masks]
+    for path, operations in schema.get("paths", {}).items():
+        served = masks if path.endswith("/segment") else models
+        constraints: dict[str, dict[str, Any]] = {
+            "model": {"type": "string", "enum": [m.name for m in served]},
+            "name": {"type": "string", "enum": [m.name for m in models]},
+            "classes": {"type": "array", "items": {"type": "string", "enum": _tokens(served)}},
+        }
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                constraint = constraints.get(parameter.get("name"))
+                if constraint is not None:
+                    kept = {k: v for k, v in parameter.get("schema", {}).items() if k in ("title", "description")}
+                    parameter["schema"] = constraint | kept
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            classes = body.get("properties", {}).get("parameters", {}).get("properties", {}).get("classes")
+            if classes is not None:
+                classes["enum"] = _tokens(models)

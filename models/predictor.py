@@ -44,12 +44,17 @@ class Detection(TypedDict, total=False):
 
 @dataclass(frozen=True)
 class RawDetections:
-    """Network output for one image, on CPU: boxes xyxy (original pixels), scores, labels, masks."""
+    """Network output for one image, on CPU: boxes xyxy (original pixels), scores, labels, masks.
+
+    ``worker`` names the process that ran the forward pass when that was not this one (a remote
+    inference replica); ``None`` for a local forward pass.
+    """
 
     boxes: torch.Tensor
     scores: torch.Tensor
     labels: torch.Tensor
     masks: torch.Tensor | None = None
+    worker: str | None = None
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

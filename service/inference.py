@@ -76,6 +76,38 @@ class Outcome:
         ])  # fmt: skip
 
 
+class Places:
+    """A bounded number of places (request bodies being received, requests being processed): taking
+    one when all are taken is refused with :class:`~gnws.request.errors.OverloadedError` (429).
+
+    Args:
+        limit: how many places.
+        busy: what the holders are doing, for the refusal ("uploads are already being received").
+        gauge: metric of the places taken.
+        refused: counter of refusals.
+    """
+
+    def __init__(self, limit: int, busy: str, gauge: Any, refused: Any) -> None:
+        self.limit = limit
+        self.busy = busy
+        self.taken = 0
+        self._gauge = gauge
+        self._refused = refused
+
+    @contextmanager
+    def take(self) -> Iterator[None]:
+        if self.taken >= self.limit:
+            self._refused.inc()
+            raise OverloadedError(f"{self.taken} {self.busy} (limit {self.limit}); retry after Retry-After seconds")
+        self.taken += 1
+        self._gauge.inc()
+        try:
+            yield
+        finally:
+            self.taken -= 1
+            self._gauge.dec()
+
+
 @dataclass
 class _Prepared:
     filename: str | None  # the upload's bytes are not kept once decoded
@@ -99,24 +131,10 @@ class InferencePipeline:
         self.registry = registry
         self.metrics = metrics
         self._cpu = cpu_executor
-        self._in_flight = 0
-        self._uploading = 0
-
-    @contextmanager
-    def _admit(self) -> Iterator[None]:
-        if self._in_flight >= self.settings.max_in_flight:
-            self.metrics.rejected.labels("in_flight").inc()
-            raise OverloadedError(
-                f"{self._in_flight} requests are already being handled (limit {self.settings.max_in_flight}); "
-                "retry after Retry-After seconds"
-            )
-        self._in_flight += 1
-        self.metrics.in_flight.inc()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            self.metrics.in_flight.dec()
+        self._processing = Places(settings.max_in_flight, "requests are already being handled", metrics.in_flight,
+                                  metrics.rejected.labels("in_flight"))
+        self._uploads = Places(settings.max_uploads, "uploads are already being received", metrics.uploads,
+                               metrics.rejected.labels("uploads"))
 
     def check(self, role: Role | None, params: RequestParams) -> tuple[ServedModel, DetectionRequest]:
         """The model that will answer and the parameters bound to it, refused before the body is read.
@@ -135,17 +153,10 @@ class InferencePipeline:
 
     async def receive(self, read: Callable[[], Awaitable[T]]) -> T:
         """Read a request's body in one of ``max_uploads`` upload places, within the request timeout."""
-        if self._uploading >= self.settings.max_uploads:
-            self.metrics.rejected.labels("uploads").inc()
-            raise OverloadedError(
-                f"{self._uploading} uploads are already being received (limit {self.settings.max_uploads}); "
-                "retry after Retry-After seconds"
-            )
-        self._uploading += 1
-        self.metrics.uploads.inc()
         try:
-            async with asyncio.timeout(self.settings.request_timeout_s):
-                return await read()
+            with self._uploads.take():
+                async with asyncio.timeout(self.settings.request_timeout_s):
+                    return await read()
         except TimeoutError:
             self.metrics.rejected.labels("timeout").inc()
             raise UploadTimeoutError(
@@ -155,9 +166,6 @@ class InferencePipeline:
         except UploadTimeoutError:
             self.metrics.rejected.labels("timeout").inc()
             raise
-        finally:
-            self._uploading -= 1
-            self.metrics.uploads.dec()
 
     async def run(self, served: ServedModel, request: DetectionRequest, uploads: Sequence[Upload]) -> Outcome:
         """Answer a checked request: every image's detections, filtered and encoded as asked.
@@ -170,7 +178,7 @@ class InferencePipeline:
             raise InvalidParameterError(f"format={fmt} draws one image; this request has {len(uploads)}")
         deadline = time.perf_counter() + self.settings.request_timeout_s
         batcher = self.registry.batcher(served.name)
-        with self._admit():
+        with self._processing.take():
             loop = asyncio.get_running_loop()
             prepared = [await loop.run_in_executor(self._cpu, self._prepare, request, upload, fmt != "json")
                         for upload in uploads]

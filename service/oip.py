@@ -50,6 +50,7 @@ from .uploads import Upload
 
 INPUT_NAME = "IMAGE"
 HEADER_LENGTH = "inference-header-content-length"
+MAX_ID_LENGTH = 256
 PARAMETER_NAMES = ("score_threshold", "max_detections", "classes")
 # name -> (accepted JSON types, refused subtypes, in words): protocol parameters are typed JSON values
 PARAMETER_TYPES: dict[str, tuple[type | tuple[type, ...], type | tuple[type, ...], str]] = {
@@ -175,6 +176,8 @@ def parse_infer_request(body: bytes, header_length: str | None, *, max_images: i
             raise BadRequestError("outputs must be a list of objects with a name")
         outputs = {o["name"]: _flag(o.get("parameters", {}), "binary_data", binary_default) for o in requested}
     request_id = header.get("id")
+    if "id" in header and (not isinstance(request_id, str) or len(request_id) > MAX_ID_LENGTH):
+        raise BadRequestError(f"id must be a string of at most {MAX_ID_LENGTH} characters")
     return InferRequest(id=str(request_id) if request_id is not None else None,
                         images=[Upload(data=image) for image in images], parameters=parameters,
                         outputs=outputs, binary_default=binary_default)
@@ -244,7 +247,7 @@ def detection_tensors(images: Sequence[Mapping[str, Any]], names: Sequence[str])
         "category_names": np.full((n, k), b"", dtype=object),
         "image_sizes": np.asarray([[img["height"], img["width"]] for img in images], dtype=np.int32).reshape(n, 2),
     }
-    if "masks_rle" in names:
+    if "masks_rle" in names:  # a model without masks answers empty strings, as for padding
         out["masks_rle"] = np.full((n, k), b"", dtype=object)
     for i, img in enumerate(images):
         for j, det in enumerate(img["detections"]):
@@ -252,7 +255,7 @@ def detection_tensors(images: Sequence[Mapping[str, Any]], names: Sequence[str])
             out["scores"][i, j] = det["score"]
             out["category_ids"][i, j] = det["category_id"]
             out["category_names"][i, j] = det["category_name"].encode()
-            if "masks_rle" in out:
+            if "masks_rle" in out and "segmentation" in det:
                 out["masks_rle"][i, j] = det["segmentation"]["counts"].encode()
     return {name: out[name] for name in names}
 

@@ -34,6 +34,15 @@ def install(app: FastAPI, registry: ModelRegistry) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _drop_null(parameter: dict[str, Any]) -> None:
+    """``Optional[int]`` is ``anyOf: [integer, null]`` in FastAPI's schema; a query or path value is
+    never JSON null (an absent parameter is how a client leaves it out), so keep the other branch."""
+    schema = parameter.get("schema", {})
+    branches = [b for b in schema.get("anyOf", []) if b.get("type") != "null"]
+    if "anyOf" in schema and len(branches) == 1:
+        parameter["schema"] = {**{k: v for k, v in schema.items() if k != "anyOf"}, **branches[0]}
+
+
 def _tokens(models: Iterable[ServedModel]) -> list[str]:
     seen: dict[str, None] = {}
     for served in models:
@@ -50,10 +59,14 @@ def document_models(schema: dict[str, Any], models: list[ServedModel]) -> None:
         constraints: dict[str, dict[str, Any]] = {
             "model": {"type": "string", "enum": [m.name for m in served]},
             "name": {"type": "string", "enum": [m.name for m in models]},
-            "classes": {"type": "array", "items": {"type": "string", "enum": _tokens(served)}},
+            # one value or several (classes=person or classes=person&classes=car): a query string cannot tell
+            # a one-item array from a string, so the schema says either
+            "classes": {"anyOf": [{"type": "array", "items": {"type": "string", "enum": _tokens(served)}},
+                                  {"type": "string", "enum": _tokens(served)}]},
         }
         for operation in operations.values():
             for parameter in operation.get("parameters", []):
+                _drop_null(parameter)
                 constraint = constraints.get(parameter.get("name"))
                 if constraint is not None:
                     kept = {k: v for k, v in parameter.get("schema", {}).items() if k in ("title", "description")}

@@ -62,7 +62,7 @@ _INFER_BODY: dict[str, Any] = {
                 "type": "object",
                 "required": ["inputs"],
                 "properties": {
-                    "id": {"type": "string", "maxLength": 256},
+                    "id": {"type": "string", "maxLength": oip.MAX_ID_LENGTH},
                     "parameters": _PARAMETERS,
                     "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
                         "type": "object",
@@ -91,6 +91,12 @@ _INFER_BODY: dict[str, Any] = {
     }
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
+_INFER_OK: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the outputs: JSON, or (binary data asked for) a JSON header of Inference-Header-Content-"
+          "Length bytes followed by the binary tensors",
+          "content": {"application/json": {"schema": {"type": "object"}},
+                      "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+}
 OIP_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ProtocolError, "description": "malformed request, tensors or image"},
     401: {"model": ProtocolError, "description": "API key missing or wrong (model metadata, when models_need_key)"},
@@ -160,10 +166,11 @@ async def _infer(pipeline: InferencePipeline, settings: Settings, request: Reque
     served, bound = pipeline.check(None, RequestParams.from_fields({**fields, "model": name}))
     names = oip.output_names(served.predictor.has_masks)
     if parsed.outputs is not None:
-        unknown = sorted(set(parsed.outputs) - set(names))
+        unknown = sorted(set(parsed.outputs) - set(oip.DATATYPES))
         if unknown:
             raise BadRequestError(f"unknown outputs {unknown}; {name} has {list(names)}")
-        names = tuple(n for n in names if n in parsed.outputs)
+        # asked for by name, masks_rle comes from a model without masks too: empty strings
+        names = tuple(n for n in oip.DATATYPES if n in parsed.outputs)
     outcome = await pipeline.run(served, bound, parsed.images)
     tensors = oip.detection_tensors(outcome.document()["images"], names)
     content, headers = oip.infer_response(name, served_version(served), parsed, tensors)
@@ -196,14 +203,14 @@ async def version_ready(name: NameP, version: VersionP, registry: RegistryDep) -
     return _ready(registry, name, version)
 
 
-@router.post("/models/{name}/infer", summary="Inference", openapi_extra=_INFER_BODY, responses=OIP_ERRORS)
+@router.post("/models/{name}/infer", summary="Inference", openapi_extra=_INFER_BODY, responses=_INFER_OK | OIP_ERRORS)
 async def infer(name: NameP, request: Request, pipeline: PipelineDep, settings: SettingsDep) -> Response:
     """Detections for a batch of encoded images (see :mod:`service.oip` for the tensors)."""
     return await _infer(pipeline, settings, request, name, None)
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference (one version)",
-             openapi_extra=_INFER_BODY, responses=OIP_ERRORS)
+             openapi_extra=_INFER_BODY, responses=_INFER_OK | OIP_ERRORS)
 async def version_infer(
     name: NameP, version: VersionP, request: Request, pipeline: PipelineDep, settings: SettingsDep
 ) -> Response:

@@ -3,8 +3,8 @@
 The API documents image bodies (``image/*``, ``application/octet-stream``, multipart files) and
 base64 (``format: byte``) images, but only decodable images are valid there, and a JSON schema
 cannot describe "a decodable image" (schemathesis has real samples for some image types only).
-This hook puts one of the repository's test images where a generated case carries bytes that are
-no image; schemathesis re-validates modified cases, so they are judged as the requests they become.
+This hook puts one of the repository's test images where a case meant to be accepted (positive
+mode) carries bytes that are no image; cases meant to be refused are left as generated.
 Loaded through ``SCHEMATHESIS_HOOKS=tests.service.schemathesis_hooks``.
 """
 
@@ -38,6 +38,9 @@ def _image_for(data: Any) -> Any:
 
 @schemathesis.hook
 def map_case(context: Any, case: Any) -> Any:
+    meta = getattr(case, "meta", None)
+    if meta is not None and meta.generation.mode.is_negative:
+        return case  # a case meant to be refused stays as generated
     body = case.body
     media_type = case.media_type or ""
     if media_type.startswith("image/") or media_type == "application/octet-stream":

@@ -37,8 +37,7 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(fuzz_server: L
     if exe is None:
         pytest.skip("schemathesis is not installed (pip install -e '.[dev]')")
     cmd = [
-        exe, "run", f"{server.url}/openapi.json",
-        "--checks", "all",
+        exe, "--config-file", str(tmp_path / "schemathesis.toml"), "run", f"{server.url}/openapi.json",
         "--max-examples", "3",
         "--seed", "20260101",
         "--workers", "1",
@@ -49,12 +48,20 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(fuzz_server: L
         # with the API key, reloads get past authentication and their sources are fuzzed too
         "--header", f"X-API-Key: {API_KEY}",
     ]
+    # schemathesis 4.32 reports "schema-violating request accepted" for multipart uploads to the image
+    # routes whose every component it then describes as valid ("Invalid component: positive test case"):
+    # on those two operations only, that one check is off; every other check runs on them, and every check
+    # on every other operation.
+    (tmp_path / "schemathesis.toml").write_text("[checks]\nenabled = true\n\n" + "".join(  # every check
+        f'[[operations]]\ninclude-name = "POST /v1/{route}"\nchecks.negative_data_rejection.enabled = false\n\n'
+        for route in ("detect", "segment")
+    ))
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.service.schemathesis_hooks",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, check=False, env=env)
     output = result.stdout + result.stderr
     # request bodies (base64 images) make lines of thousands of characters: show the rest
-    readable = "\n".join(line[:400] for line in output.splitlines() if len(line) < 2000)
+    readable = "\n".join(line if len(line) < 600 else f"{line[:300]} ... {line[-300:]}" for line in output.splitlines())
     assert result.returncode == 0, readable[-8000:]
     with server.client() as client:
         assert client.get("/healthz").status_code == 200

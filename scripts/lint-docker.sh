@@ -89,4 +89,88 @@ layout = {"default": sorted(n for n, p in profiles.items() if not p)}
 layout.update({p: sorted(n for n in services if p in profiles[n]) for p in sorted(set().union(*profiles.values()))})
 print("compose layout: " + "; ".join(p + ": " + ", ".join(names) for p, names in layout.items()))
 '
+# --- podman-compose: the oldest supported release and the newest checked one read the file as Compose does.
+# podman-compose differs from Compose in ways `config` shows: it splits a string command into words before it
+# substitutes variables, and it substitutes a service's own environment into that service's other fields. Each
+# release resolves the file for every profile, and what it resolved must equal what docker-compose resolved
+# (command, entrypoint, environment, image, ports, volumes, user, depends_on, health check). No podman needed:
+# `config` only asks a stand-in for `podman --version`.
+PODMAN_COMPOSE_VERSIONS=${PODMAN_COMPOSE_VERSIONS:-1.5.0 1.6.0}
+pc_root=.venv-podman-compose
+mkdir -p "$pc_root"
+echo "*" > "$pc_root/.gitignore"
+printf '#!/bin/sh\necho "podman version 4.3.1"\n' > "$pc_root/podman-stub"
+chmod +x "$pc_root/podman-stub"
+resolved=$(mktemp -d)
+trap 'rm -rf "$resolved"' EXIT
+run_compose config > "$resolved/compose-default.yml"
+for profile in "${profiles[@]}"; do run_compose --profile "$profile" config > "$resolved/compose-$profile.yml"; done
+for version in $PODMAN_COMPOSE_VERSIONS; do
+    venv="$pc_root/$version"
+    if ! "$venv/bin/python" -m pip show podman-compose 2>/dev/null | grep -qx "Version: $version"; then
+        "$PYTHON" -m venv "$venv"
+        "$venv/bin/python" -m pip install -q "podman-compose==$version"
+    fi
+    for profile in default "${profiles[@]}"; do
+        args=(); [ "$profile" = default ] || args=(--profile "$profile")
+        env -i PATH="$PATH" HOME="${HOME:-/tmp}" "$venv/bin/podman-compose" --podman-path "$PWD/$pc_root/podman-stub" \
+            -f docker-compose.yml "${args[@]}" config > "$resolved/podman-$profile.yml"
+    done
+    .venv-compose/bin/python - "$resolved" "$PWD" "$version" default "${profiles[@]}" <<'PY'
+import os
+import sys
+
+import yaml
+
+folder, project_dir, version, *profiles = sys.argv[1:]
+
+
+def unescape(x):
+    """docker-compose 1.29 `config` prints $$ escaped again; podman-compose prints the value the container gets."""
+    if isinstance(x, str):
+        return x.replace("$$", "$")
+    return [unescape(i) for i in x] if isinstance(x, list) else x
+
+
+def volume(v):
+    if isinstance(v, dict):
+        v = f"{v.get('source', '')}:{v['target']}" + (":ro" if v.get("read_only") else "")
+    source, _, rest = str(v).partition(":")
+    if source.startswith("."):  # docker-compose makes host paths absolute, podman-compose keeps them relative
+        source = os.path.normpath(os.path.join(project_dir, source))
+    return f"{source}:{rest.removesuffix(':rw')}"
+
+
+def norm(service):
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(e.split("=", 1) for e in env)
+    return {
+        "command": unescape(service.get("command")), "entrypoint": unescape(service.get("entrypoint")),
+        "environment": {k: unescape(str(v)) for k, v in env.items()}, "image": service.get("image"),
+        "ports": sorted(str(p).removesuffix("/tcp") for p in service.get("ports") or []), "user": service.get("user"),
+        "volumes": sorted(volume(v) for v in service.get("volumes") or []),
+        "depends_on": sorted(service.get("depends_on") or {}),
+        "healthcheck": (service.get("healthcheck") or {}).get("test"),
+    }
+
+
+errors = []
+for profile in profiles:
+    with open(f"{folder}/compose-{profile}.yml") as f:
+        want = yaml.safe_load(f)["services"]
+    with open(f"{folder}/podman-{profile}.yml") as f:
+        got = yaml.safe_load(f)["services"]
+    if not got:
+        errors.append(f"[{profile}] podman-compose resolved no service")
+    for name in got:  # docker-compose 1.29 lists every service whatever the profile; podman-compose filters
+        a, b = norm(want[name]), norm(got[name])
+        errors += [f"[{profile}] {name}.{key}: docker-compose {a[key]!r}, podman-compose {b[key]!r}"
+                   for key in a if a[key] != b[key]]
+if errors:
+    sys.exit(f"lint-docker: podman-compose {version} reads docker-compose.yml differently:\n  " + "\n  ".join(errors))
+print(f"podman-compose {version}: no profile and every profile resolve as with docker-compose")
+PY
+done
+
 echo "lint-docker: ok"

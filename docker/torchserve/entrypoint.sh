@@ -26,4 +26,7 @@ done
 # shellcheck disable=SC2086
 python "$ts_dir/render_config.py" --template "${TS_CONFIG_FILE:-/home/model-server/config.properties}" \
     --model-store "$mar_store" --out "$effective" $models
+# TorchServe reads the config named by TS_CONFIG_FILE and ignores --ts-config when that is set (the image sets it
+# to the shipped template), so point it at the rendered config too.
+export TS_CONFIG_FILE="$effective"
 exec torchserve --start --foreground --ncs --ts-config "$effective" --model-store "$mar_store"

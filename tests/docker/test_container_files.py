@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = {"cpu": REPO / "docker" / "Dockerfile", "cuda": REPO / "docker" / "Dockerfile.cuda"}
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+PROJECT_WHEEL = "/tmp/dist/*.whl"
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -76,7 +77,10 @@ def test_pip_installs_only_from_pyproject(flavour: str) -> None:
     for args in installs:
         packages = [a for a in args if not a.startswith("-") and not a.startswith("${") and "://" not in a]
         if "-r" in args:
-            assert all(p.startswith("/tmp/") and p.endswith(".txt") for p in packages), args
+            # files that pyproject_requirements.py printed (checked below: every one is written by it)
+            assert all(p.endswith(".txt") for p in packages), args
+        elif packages == [PROJECT_WHEEL]:
+            pass  # the project's own wheel, built from the checkout (test_the_project_wheel_is_built_from_the_checkout)
         elif packages and packages[0].startswith("."):
             (target,) = packages
             match = re.fullmatch(r"\.(\[([a-z,]+)\])?", target)
@@ -86,6 +90,41 @@ def test_pip_installs_only_from_pyproject(flavour: str) -> None:
         else:
             names = {re.split(r"[<>=]", p)[0] for p in packages}
             assert names <= {"pip", "setuptools", "wheel"}, f"a package named outside pyproject.toml: {args}"
+
+
+@pytest.mark.parametrize("flavour", DOCKERFILES)
+def test_requirement_files_come_from_pyproject(flavour: str) -> None:
+    """Every `pip install -r FILE` reads a file that the same RUN wrote with pyproject_requirements.py."""
+    runs = [rest for word, rest in instructions(DOCKERFILES[flavour]) if word == "RUN" and " -r " in rest]
+    assert runs
+    for run in runs:
+        for name in re.findall(r"pip install[^&;]* -r (\S+)", run):
+            assert re.search(rf"pyproject_requirements\.py pyproject\.toml [^&;]*> {re.escape(name)}\b", run), run
+
+
+@pytest.mark.parametrize("flavour", DOCKERFILES)
+def test_the_project_wheel_is_built_from_the_checkout(flavour: str) -> None:
+    """`builder` makes the wheel from the copied sources; the torch images install it from there."""
+    all_stages = stages(DOCKERFILES[flavour])
+    assert ("RUN", "pip wheel --no-deps --wheel-dir /dist .") in all_stages["builder"]
+    for name in ("api", "torchserve", "train"):
+        assert ("COPY", "--from=builder /dist/ /tmp/dist/") in all_stages[name], name
+        assert any(word == "RUN" and rest.startswith(f"pip install {PROJECT_WHEEL} && rm -rf /tmp/dist")
+                   for word, rest in all_stages[name]), name
+
+
+@pytest.mark.parametrize("flavour", DOCKERFILES)
+def test_torch_images_share_one_dependency_layer(flavour: str) -> None:
+    """torch is installed once, in `deps`, and api/torchserve/train build FROM it (one copy on disk for all three;
+    a code change rebuilds only the wheel layers)."""
+    text = re.sub(r"\\\n", " ", DOCKERFILES[flavour].read_text())
+    froms = {stage: parent for parent, stage in re.findall(r"^FROM (\S+) AS (\S+)$", text, flags=re.MULTILINE)}
+    for name in ("api", "torchserve", "train", "builder"):
+        assert froms[name] == "deps", f"{name} is FROM {froms[name]}"
+    assert froms["deps"] == "runtime"
+    torch_lines = [rest for word, rest in instructions(DOCKERFILES[flavour]) if word == "RUN" and "--torch" in rest]
+    assert len(torch_lines) == 1, torch_lines
+    assert not any(word == "COPY" and "/opt/venv" in rest for word, rest in instructions(DOCKERFILES[flavour]))
 
 
 @pytest.mark.parametrize("flavour", DOCKERFILES)
@@ -101,7 +140,7 @@ def test_torch_comes_from_the_flavours_index(flavour: str, index: str) -> None:
     text = DOCKERFILES[flavour].read_text()
     (url,) = re.findall(r"ARG TORCH_INDEX_URL=(\S+)", text)
     assert url.startswith("https://download.pytorch.org" + index)
-    assert '--index-url "${TORCH_INDEX_URL}" -r /tmp/torch.txt' in text
+    assert '--index-url "${TORCH_INDEX_URL}" -r torch.txt' in text
 
 
 @pytest.mark.parametrize("flavour", DOCKERFILES)
@@ -164,7 +203,9 @@ def test_compose_services_and_profiles() -> None:
     assert {"gnws-weights:/var/lib/gnws", "gnws-runs:/runs"} <= set(train["volumes"])
     assert train["environment"]["GNWS_MODEL_STORE"] == api["environment"]["GNWS_MODEL_STORE"]
     loadtest = services["loadtest"]
-    assert loadtest["depends_on"] == {"api": {"condition": "service_healthy"}}
+    # no health condition: podman never reports one; the entrypoint waits for /readyz instead
+    assert loadtest["depends_on"] == ["api"]
+    assert loadtest["environment"]["GNWS_LOADTEST_WAIT_URL"] == "${GNWS_LOADTEST_HOST:-http://api:8000}/readyz"
     assert loadtest["entrypoint"][-1] == "loadtest"
     assert loadtest["entrypoint"][2].endswith('exec python -m loadtest "$$@"')
     assert "./loadtest:/app/loadtest:ro" in loadtest["volumes"]
@@ -178,7 +219,7 @@ def test_loadtest_reports_are_writable_by_default() -> None:
     loadtest = COMPOSE["services"]["loadtest"]
     reports = next(v for v in loadtest["volumes"] if v.endswith(":/reports"))
     assert reports == "${GNWS_LOADTEST_REPORTS:-gnws-loadtest}:/reports"
-    assert COMPOSE["volumes"]["gnws-loadtest"] == {"name": "gnws-loadtest"}
+    assert COMPOSE["volumes"]["gnws-loadtest"] == {"name": "${GNWS_LOADTEST_VOLUME:-gnws-loadtest}"}
     assert loadtest["user"] == "${GNWS_UID:-10001}:${GNWS_GID:-10001}"
     stage = stages(DOCKERFILES["cpu"])["loadtest"]
     run = " ".join(rest for word, rest in stage if word == "RUN")
@@ -206,6 +247,71 @@ def test_loadtest_entrypoint_explains_an_unwritable_reports_folder(tmp_path: Pat
     ok = run(tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert "--out" in ok.stdout
+
+
+def test_loadtest_entrypoint_waits_for_readyz(tmp_path: Path) -> None:
+    """The load test starts once GNWS_LOADTEST_WAIT_URL answers 200, and gives up after GNWS_LOADTEST_WAIT_S with a
+    sentence, instead of depending on a health state that podman never reports."""
+    import http.server
+    import threading
+
+    script = COMPOSE["services"]["loadtest"]["entrypoint"][2].replace("$$", "$").replace("/reports", str(tmp_path))
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200 if self.path == "/readyz" else 503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        def run(url: str) -> subprocess.CompletedProcess[str]:
+            env = {**os.environ, "PYTHONPATH": str(REPO), "GNWS_LOADTEST_WAIT_URL": url, "GNWS_LOADTEST_WAIT_S": "1"}
+            return subprocess.run(["sh", "-c", script, "loadtest", "--help"], env=env, capture_output=True, text=True,
+                                  timeout=60)
+
+        ready = run(f"{base}/readyz")
+        assert ready.returncode == 0, ready.stderr
+        assert "--out" in ready.stdout
+        never = run(f"{base}/not-ready")
+        assert never.returncode == 3
+        assert "did not answer 200 within 1 s" in never.stderr
+    finally:
+        server.shutdown()
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def test_compose_file_reads_the_same_in_podman_compose() -> None:
+    """Constructs that podman-compose (>= 1.5) reads differently from Docker Compose are absent:
+    - it splits a string `command`/`entrypoint` into words *before* substituting variables, so a `${...}` in one
+      (e.g. `${GNWS_TRAIN_ARGS:---images-per-gpu 2}`) fails to parse or reaches the container as one word;
+    - it substitutes a service's own `environment` values into the rest of that service when the host does not
+      set the variable, so an environment name must not also be a `${NAME}` used elsewhere in the service
+      (other than in its own value)."""
+    for name, service in COMPOSE["services"].items():
+        for key in ("command", "entrypoint"):
+            if isinstance(service.get(key), str):
+                assert "${" not in service[key], f"{name}.{key} interpolates inside a command string"
+        env = service.get("environment") or {}
+        if isinstance(env, dict):
+            others = _strings({k: v for k, v in service.items() if k != "environment"})
+            for var in env:
+                pattern = re.compile(r"(?<!\$)\$\{" + re.escape(var) + r"\b")
+                used = [s for s in others if pattern.search(s)]
+                assert not used, f"{name}: environment {var} is also interpolated in {used}"
 
 
 LISTENER_KEYS = ("inference_address", "management_address", "metrics_address")
@@ -293,10 +399,13 @@ def test_render_config_cli_as_the_entrypoint_calls_it(tmp_path: Path) -> None:
     entrypoint = (REPO / "docker" / "torchserve" / "entrypoint.sh").read_text()
     assert 'render_config.py" --template' in entrypoint
     assert '--ts-config "$effective"' in entrypoint
+    # TorchServe 0.12 prefers TS_CONFIG_FILE (set in the image to the template) over --ts-config
+    start = entrypoint.index("exec torchserve")
+    assert 'export TS_CONFIG_FILE="$effective"' in entrypoint[:start]
 
 
 @pytest.mark.parametrize("script", ["docker/entrypoint.sh", "docker/torchserve/entrypoint.sh",
-                                    "docker/train-job.sh", "scripts/lint-docker.sh"])
+                                    "docker/train-job.sh", "scripts/lint-docker.sh", "scripts/container-test.sh"])
 def test_shell_scripts_parse_and_are_executable(script: str) -> None:
     path = REPO / script
     assert path.stat().st_mode & 0o111, f"{script} is not executable"

@@ -7,6 +7,7 @@ OpenAPI schema (``service.schemas``) describes exactly this document.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath, PureWindowsPath
@@ -41,8 +42,17 @@ _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\"]+/)+([^\s/'\"]*)")
 
 
 def public_text(message: str) -> str:
-    """``message`` with absolute file paths reduced to their last part (``/srv/store/x.pth`` → ``x.pth``)."""
-    return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "/", message)
+    """``message`` with absolute file paths reduced to their last part (``/srv/store/x.pth`` → ``x.pth``).
+
+    A path counts as a file path when its first folder exists on this machine (``/srv``, ``/tmp``,
+    ``/home``, ...), so URL paths in messages (``POST /predictions/NAME``, ``/v1/models``) stay.
+    """
+
+    def shorten(match: re.Match[str]) -> str:
+        top = match.group(0).split("/")[1]
+        return (match.group(1) or "/") if top and os.path.isdir(f"/{top}") else match.group(0)
+
+    return _ABSOLUTE_PATH.sub(shorten, message)
 
 
 def model_summary(
@@ -58,7 +68,7 @@ def model_summary(
     info = predictor.info
     return without_none({
         "name": name, "arch": info.config.arch, "zoo_key": info.zoo_key, "source_sha256": info.source_sha256,
-        "version": version, "generation": generation,
+        "version": version, "generation": generation, "precision": getattr(predictor, "precision", "fp32"),
         "provenance": public_provenance(info.provenance),
     })  # fmt: skip
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.resnet import Bottleneck, ResNet
@@ -27,6 +28,26 @@ _BLOCKS = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 def group_norm(num_channels: int, num_groups: int = 32) -> nn.GroupNorm:
     """mmcv's ``GN`` norm layer: affine GroupNorm with eps 1e-5."""
     return nn.GroupNorm(num_groups, num_channels, eps=1e-5, affine=True)
+
+
+class ContiguousGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that normalises a channels-last input with the contiguous (NCHW) kernel.
+
+    For the RoI heads in the channels-last bf16 mode (:mod:`models.precision`): PyTorch's
+    channels-last CPU GroupNorm kernel is slow for many small maps (1000 RoIs of 7x7, bf16:
+    measured 76 ms against 9.5 ms contiguous plus 18 ms for the copy). Same parameters and
+    state-dict keys as the ``nn.GroupNorm`` it replaces; the output is contiguous.
+    """
+
+    @classmethod
+    def from_group_norm(cls, gn: nn.GroupNorm) -> ContiguousGroupNorm:
+        """A ``ContiguousGroupNorm`` sharing ``gn``'s parameters."""
+        out = cls(gn.num_groups, gn.num_channels, eps=gn.eps, affine=gn.affine, device="meta")
+        out.weight, out.bias = gn.weight, gn.bias
+        return out
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input.contiguous())
 
 
 def build_backbone(cfg: DetectorConfig, *, ws: bool = True) -> BackboneWithFPN:

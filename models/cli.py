@@ -11,6 +11,7 @@ from .bake import bake_file, baked, read_model_info, save_model
 from .draw import draw_detections
 from .errors import CheckpointError, ImageDecodeError, UsageError
 from .fetch import fetch
+from .precision import PRECISIONS
 from .predictor import Predictor
 from .preprocess import decode_image
 from .store import checkpoint_path, convert_checkpoint, ensure_baked_zoo_model, store_path
@@ -53,6 +54,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draw", type=Path, help="image with detections drawn (first image; PNG or JPEG)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
     p.add_argument("--score-threshold", type=float, default=0.05)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32: exact (default); bf16: CPUs with AVX-512 BF16 or AMX, CUDA GPUs from Ampere on; "
+                   "fp16: CUDA GPUs. A mode the device cannot run is refused (docs/benchmarks.md: speed and "
+                   "distance from fp32)")
     p.set_defaults(func=cmd_predict)
 
 
@@ -123,9 +128,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if missing:
         raise ImageDecodeError(f"no image file at {', '.join(missing)}")
     if args.checkpoint:
-        predictor = Predictor.load(args.checkpoint, device=args.device, model_name=args.model)
+        predictor = Predictor.load(args.checkpoint, device=args.device, model_name=args.model,
+                                   precision=args.precision)
     else:
-        predictor = Predictor.load(args.model or DEFAULT_DETECT_MODEL, device=args.device)
+        predictor = Predictor.load(args.model or DEFAULT_DETECT_MODEL, device=args.device, precision=args.precision)
     results: list[dict[str, object]] = []
     all_dets = predictor.predict([str(p) for p in args.images])
     for image_id, (path, dets) in enumerate(zip(args.images, all_dets, strict=True)):

@@ -38,6 +38,10 @@ Remaining deliberate differences from mmdetection 3.3 inference, with their meas
    forward, and oneDNN vs mmcv kernels, change values by float rounding only: measured box
    differences stay ≲ 0.02 px and score differences ≲ 2e-4, mmdetection's own run-to-run noise
    (docs/mmdetection-fidelity.md, 'How fidelity is tested').
+
+The bf16/fp16 precision modes (:mod:`models.precision`; ``compute_dtype``/``channels_last`` below)
+are outside this list: opt-in, not exact, and measured against fp32 in docs/benchmarks.md
+('Precision modes'). In the default fp32 mode every cast they add returns its input unchanged.
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ class GNWSDetector(nn.Module):
         self.roi_heads = RoIHeads(cfg)
         if ws:
             self.roi_heads.use_ws()
+        # Set by models.precision.apply_precision for the bf16/fp16 modes; fp32 contiguous is exact.
+        self.compute_dtype: torch.dtype = torch.float32
+        self.channels_last = False
 
     @property
     def is_baked(self) -> bool:
@@ -75,7 +82,15 @@ class GNWSDetector(nn.Module):
         return not has_ws(self)
 
     def extract_features(self, images_nchw: torch.Tensor) -> dict[str, torch.Tensor]:
-        """FPN features ``"0".."3"`` (P2-P5) and ``"pool"`` (P6) for a padded batch."""
+        """FPN features ``"0".."3"`` (P2-P5) and ``"pool"`` (P6) for a padded batch.
+
+        The images are cast to :attr:`compute_dtype` (and channels-last) first in the bf16/fp16
+        modes (:mod:`models.precision`); in fp32 the same tensor goes in.
+        """
+        if self.channels_last:
+            images_nchw = images_nchw.to(self.compute_dtype, memory_format=torch.channels_last)
+        else:
+            images_nchw = images_nchw.to(self.compute_dtype)
         return self.backbone(images_nchw)
 
     def propose(
@@ -97,8 +112,9 @@ class GNWSDetector(nn.Module):
         """Detect objects in a batch.
 
         Args:
-            images_nchw: normalised images ``(N, 3, H, W)``, zero-padded bottom/right; all
+            images_nchw: normalised fp32 images ``(N, 3, H, W)``, zero-padded bottom/right; all
                 images must have the padding they would have alone (see difference 3 above).
+                They are cast to :attr:`compute_dtype` (bf16/fp16 modes, :mod:`models.precision`).
             metas: per image ``ori_shape``, ``img_shape`` and ``scale_factor``.
 
         Returns:

@@ -45,6 +45,15 @@ class ModelReferenceError(GnwsError, ValueError):
     store where only the store may be read, or a name that is not a usable file name."""
 
 
+class PrecisionError(GnwsError, ValueError):
+    """A precision mode that is not one of ``fp32``, ``bf16``, ``fp16`` (the message lists them)."""
+
+
+class UnsupportedPrecisionError(PrecisionError):
+    """A precision mode the chosen device cannot run (fp16 on a CPU, bf16 on a CPU without
+    AVX-512 BF16 or AMX, bf16 on a CUDA GPU older than Ampere, ...). Raised at load, never a fallback."""
+
+
 class UsageError(GnwsError):
     """A command-line argument cannot be used (wrong file type, missing folder, ...)."""
 

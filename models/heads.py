@@ -54,8 +54,17 @@ class RPN(nn.Module):
         self.head = RPNHead(FPN_CHANNELS, self.anchor_generator.num_anchors, conv_depth=1)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per level: objectness ``(N, A, H, W)`` and deltas ``(N, 4A, H, W)``."""
-        objectness, deltas = self.head(features)
+        """Per level: objectness ``(N, A, H, W)`` and deltas ``(N, 4A, H, W)``.
+
+        torchvision's ``RPNHead.forward``, with the shared conv's output cast to the dtype of the
+        two 1x1 convs (fp32 islands in the bf16/fp16 modes; a no-op in fp32).
+        """
+        head = self.head
+        objectness, deltas = [], []
+        for feature in features:
+            t = _cast_for(head.cls_logits, head.conv(feature))
+            objectness.append(head.cls_logits(t))
+            deltas.append(head.bbox_pred(t))
         return objectness, deltas
 
     def anchors(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -79,8 +88,8 @@ class RPN(nn.Module):
         for i, img_shape in enumerate(img_shapes):
             level_scores, level_deltas, level_anchors, level_ids = [], [], [], []
             for level, (obj, dlt, anc) in enumerate(zip(objectness, deltas, anchors, strict=True)):
-                scores = obj[i].permute(1, 2, 0).reshape(-1).sigmoid()
-                d = dlt[i].permute(1, 2, 0).reshape(-1, 4)
+                scores = obj[i].permute(1, 2, 0).reshape(-1).float().sigmoid()  # fp32 from here on
+                d = dlt[i].permute(1, 2, 0).reshape(-1, 4).float()
                 if 0 < nms_pre < scores.shape[0]:
                     ranked, order = scores.sort(descending=True)
                     top = order[:nms_pre]
@@ -128,15 +137,22 @@ class RoIHeads(nn.Module):
             convert_convs_to_ws(self.mask_head)
 
     def box_forward(self, features: dict[str, torch.Tensor], rois: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Class logits ``(K, C+1)`` (background 0) and deltas ``(K, 4(C+1))`` for RoIs ``(K, 5)``."""
-        x = self.box_head(self.box_roi_pool(features, rois))
-        return self.box_predictor(x)
+        """Class logits ``(K, C+1)`` (background 0) and deltas ``(K, 4(C+1))`` for RoIs ``(K, 5)``.
+
+        The outputs are fp32 in every precision mode; each layer group runs in its own dtype.
+        """
+        x = self.box_head(_cast_for(self.box_head, self.box_roi_pool(features, rois)))
+        cls_logits, box_deltas = self.box_predictor(_cast_for(self.box_predictor, x))
+        return cls_logits.float(), box_deltas.float()
 
     def mask_forward(self, features: dict[str, torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
-        """Mask logits ``(K, C+1, 28, 28)`` for RoIs ``(K, 5)``."""
+        """Mask logits ``(K, C+1, 28, 28)`` for RoIs ``(K, 5)``, fp32 in every precision mode."""
         if self.mask_roi_pool is None or self.mask_head is None or self.mask_predictor is None:
             raise RuntimeError("this detector has no mask head")
-        return self.mask_predictor(self.mask_head(self.mask_roi_pool(features, rois)))
+        x = self.mask_head(_cast_for(self.mask_head, self.mask_roi_pool(features, rois)))
+        for layer in self.mask_predictor.children():  # conv5_mask, relu, mask_fcn_logits, each in its dtype
+            x = layer(_cast_for(layer, x))
+        return x.float()
 
     def predict(
         self,
@@ -180,3 +196,15 @@ class RoIHeads(nn.Module):
             result["boxes"] = ori_boxes
             result["masks"] = paste_masks(probs, ori_boxes, meta.ori_shape, cfg.mask_thr)
         return result
+
+
+def _cast_for(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype of ``module``'s first parameter, for the bf16/fp16 modes.
+
+    Unchanged for a module without parameters, and under autocast (training with ``--amp``),
+    which casts every op's inputs itself; in fp32 mode the cast returns ``x`` itself.
+    """
+    param = next(module.parameters(), None)
+    if param is None or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(param.dtype)

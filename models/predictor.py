@@ -20,8 +20,11 @@ import torch
 
 from .bake import ModelInfo
 from .detector import GNWSDetector
+from .precision import Precision, apply_precision, check_precision, parse_precision, resolve_device
 from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, PreparedImage, decode_image, prepare_image
 from .resolve import ModelRef, resolve_model
+
+__all__ = ["RLE", "Detection", "Predictor", "RawDetections", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +60,6 @@ class RawDetections:
     worker: str | None = None
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @dataclass
 class Predictor:
     """A loaded detector plus its label space and provenance.
@@ -79,6 +75,12 @@ class Predictor:
             for small feature maps (measured: 1e-6 differences in P5 that move proposals), and a
             batched CPU pass is barely faster (measured 6%), so CPU runs image by image and a
             list call equals one-by-one calls bit for bit.
+        precision: ``"fp32"`` (default, exact: what the fidelity tests check), ``"bf16"`` (CPUs
+            with AVX-512 BF16 or AMX, CUDA GPUs from Ampere on) or ``"fp16"`` (CUDA). The model is
+            set up for it once, when the predictor is made (:func:`models.precision.apply_precision`:
+            weights converted once, fp32 islands, channels-last on CPU); a mode the device cannot
+            run raises :class:`~models.errors.UnsupportedPrecisionError` then. Detections are
+            always fp32 boxes and scores.
     """
 
     model: GNWSDetector
@@ -87,9 +89,11 @@ class Predictor:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     batched_forward: bool | None = None
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
-        self.model.eval().to(self.device)
+        self.precision = parse_precision(self.precision)
+        apply_precision(self.model.eval(), self.precision, self.device)
         if self.batched_forward is None:
             self.batched_forward = self.device.type == "cuda"
 
@@ -102,6 +106,7 @@ class Predictor:
         model_name: str | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         image_scale: tuple[int, int] | None = None,
+        precision: Precision | str = "fp32",
     ) -> Predictor:
         """Load a predictor from a model reference (see :mod:`models.resolve`).
 
@@ -115,15 +120,23 @@ class Predictor:
             max_pixels: pixel limit for decoded images.
             image_scale: ``(max_size, min_size)`` test scale instead of mmdetection's (1333, 800);
                 for fast tests and smoke runs only (results then differ from mmdetection's).
+            precision: ``"fp32"`` (exact), ``"bf16"`` or ``"fp16"``; see :attr:`precision`.
+
+        Raises:
+            PrecisionError: ``precision`` is not one of ``fp32``, ``bf16``, ``fp16``.
+            UnsupportedPrecisionError: ``device`` cannot run ``precision`` (checked before the
+                weights are read).
         """
         dev = resolve_device(device)
+        mode = parse_precision(precision)
+        check_precision(mode, dev)
         ref = resolve_model(source, zoo_key=model_name)
         model, info = ref.load()
         name = model_name or ref.name
         if image_scale is not None:
             max_size, min_size = image_scale
             info = replace(info, config=replace(info.config, max_size=max_size, min_size=min_size))
-        return cls(model=model, info=info, name=name, device=dev, max_pixels=max_pixels)
+        return cls(model=model, info=info, name=name, device=dev, max_pixels=max_pixels, precision=mode)
 
     @property
     def classes(self) -> tuple[str, ...]:

@@ -28,6 +28,8 @@ _FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("--segment-model", {"help": "zoo key or .safetensors behind /v1/segment ('none' disables)"}),
     ("--extra-models", {"help": "comma-separated further models selectable with ?model=NAME"}),
     ("--device", {"help": "auto, cpu, cuda, cuda:1, ..."}),
+    ("--precision", {"help": "fp32 (exact, default), bf16 (AVX-512 BF16/AMX CPUs, CUDA) or fp16 (CUDA)"}),
+    ("--model-precision", {"metavar": "NAME=PRECISION,...", "help": "per served model, overriding --precision"}),
     ("--torch-threads", {"type": int, "help": "intra-op threads for inference"}),
     ("--max-batch-size", {"type": int, "help": "most images per forward pass"}),
     ("--max-batch-delay-ms", {"type": float, "help": "wait for more same-shape images (ms)"}),
@@ -92,6 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from models.fetch import prepare_zoo_models
+    from models.precision import check_precision, resolve_device
 
     from .app import create_app
     from .registry import resolve_startup_source
@@ -103,7 +106,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # (the lifespan repeats this check).
     prepare_zoo_models(settings.model_sources(), offline=settings.offline, store=settings.model_store)
     for source in settings.model_sources():
-        resolve_startup_source(source, settings.model_store)
+        ref = resolve_startup_source(source, settings.model_store)
+        check_precision(settings.precision_for(ref.name), resolve_device(settings.device))
     if args.ray:
         from .ray_serve import run
 

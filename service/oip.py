@@ -70,12 +70,14 @@ def output_names(has_masks: bool) -> tuple[str, ...]:
     return BOX_OUTPUTS + (MASK_OUTPUTS if has_masks else ())
 
 
-def model_metadata(name: str, version: str, has_masks: bool) -> dict[str, Any]:
-    """``GET /v2/models/{name}``: the inputs and outputs with their datatypes and shapes."""
+def model_metadata(name: str, version: str, has_masks: bool, precision: str = "fp32") -> dict[str, Any]:
+    """``GET /v2/models/{name}``: the inputs and outputs with their datatypes and shapes (and, in
+    ``parameters``, the precision the model runs in)."""
     return {
         "name": name,
         "versions": [version],
         "platform": "gnws_pytorch",
+        "parameters": {"precision": precision},
         "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": o, "datatype": DATATYPES[o], "shape": SHAPES[o]} for o in output_names(has_masks)],
     }

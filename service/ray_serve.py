@@ -67,7 +67,8 @@ class WeightsKey:
 def replica_options(settings: Settings) -> dict[str, Any]:
     """What a replica needs to load a predictor as the app would (device, pixels, scale)."""
     return {"device": settings.device, "max_pixels": settings.max_pixels, "image_scale": settings.image_scale,
-            "torch_threads": settings.torch_threads, "batched_forward": settings.batched_forward}
+            "torch_threads": settings.torch_threads, "batched_forward": settings.batched_forward,
+            "model_precision": dict(settings.model_precision), "precision": settings.precision}
 
 
 class InferenceReplica:
@@ -84,8 +85,10 @@ class InferenceReplica:
         predictor = self._predictors.get(key)
         if predictor is None:
             start = time.perf_counter()
+            precision = self.options["model_precision"].get(key.name, self.options["precision"])
             predictor = Predictor.load(key.path, device=self.options["device"], model_name=key.name,
-                                       max_pixels=self.options["max_pixels"], image_scale=self.options["image_scale"])
+                                       max_pixels=self.options["max_pixels"], image_scale=self.options["image_scale"],
+                                       precision=precision)
             if self.options.get("batched_forward") is not None:
                 predictor.batched_forward = self.options["batched_forward"]
             self._predictors[key] = predictor
@@ -144,6 +147,7 @@ class RemotePredictor(Predictor):
         self.device = torch.device("cpu")
         self.max_pixels = settings.max_pixels
         self.batched_forward = bool(settings.batched_forward)
+        self.precision = settings.precision_for(name)  # type: ignore[assignment]  # checked by Settings
         self.key = WeightsKey.of(name, ref)
         self._handle = handle
         self._timeout_s = timeout_s

@@ -31,6 +31,7 @@ from gnws.request.errors import (
 )
 from gnws.request.params import Role
 from models import CheckpointError, ModelInfo, Predictor
+from models.precision import check_precision, resolve_device
 from models.resolve import BAKED_KINDS, ModelRef, resolve_model
 from models.store import latest_version, list_versions, version_path
 
@@ -146,15 +147,19 @@ class ModelRegistry:
 
     def _default_loader(self, ref: ModelRef) -> Predictor:
         s = self.settings
-        predictor = Predictor.load(ref, device=s.device, max_pixels=s.max_pixels, image_scale=s.image_scale)
+        predictor = Predictor.load(ref, device=s.device, max_pixels=s.max_pixels, image_scale=s.image_scale,
+                                   precision=s.precision_for(ref.name))
         if s.batched_forward is not None:
             predictor.batched_forward = s.batched_forward
         return predictor
 
     def preflight(self) -> dict[str, ModelRef]:
         """Resolve every configured source without loading tensors; raises on the first problem."""
-        return {source: resolve_startup_source(source, self.settings.model_store)
-                for source in self.settings.model_sources()}
+        resolved = {source: resolve_startup_source(source, self.settings.model_store)
+                    for source in self.settings.model_sources()}
+        for ref in resolved.values():  # a precision the device cannot run stops startup here, not at loading
+            check_precision(self.settings.precision_for(ref.name), resolve_device(self.settings.device))
+        return resolved
 
     def _load_and_warm(self, name: str, ref: ModelRef, *, warm: bool) -> Predictor:
         start = time.perf_counter()

@@ -80,6 +80,9 @@ class ModelSummary(BaseModel):
     source_sha256: str | None = None
     version: int | None = Field(default=None, description="model-store version of the weights (versioned models)")
     generation: int = Field(description="0 at startup, +1 per reload")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="numeric precision of the forward pass (fp32: exact)"
+    )
     provenance: dict[str, Any] = Field(description="where the weights came from (file paths shown as names)")
 
 

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models import DEFAULT_DETECT_MODEL, DEFAULT_SEGMENT_MODEL
+from models.precision import parse_precision
 from models.preprocess import DEFAULT_MAX_PIXELS
 from models.store import model_store
 
@@ -30,6 +31,11 @@ class Settings(BaseSettings):
         segment_model: model behind ``/v1/segment`` (must have masks; ``none`` disables).
         extra_models: more models selectable with ``?model=NAME`` (comma-separated in the env).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
+        precision: every model's numeric precision: ``fp32`` (exact, the default), ``bf16`` (CPUs with
+            AVX-512 BF16 or AMX, CUDA) or ``fp16`` (CUDA); a mode the device cannot run stops
+            startup with the reason (:mod:`models.precision`).
+        model_precision: per served model name, overriding ``precision``
+            (``name=bf16,other=fp32`` in the env).
         torch_threads: intra-op threads for inference (default: torch's choice).
         max_batch_size: most images one forward pass takes (per model).
         max_batch_delay_ms: how long the batcher waits for more images of the same padded shape.
@@ -83,6 +89,8 @@ class Settings(BaseSettings):
     segment_model: str | None = DEFAULT_SEGMENT_MODEL
     extra_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     device: str = "auto"
+    precision: str = "fp32"
+    model_precision: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     torch_threads: int | None = Field(default=None, ge=1)
     max_batch_size: int = Field(default=4, ge=1, le=64)
     max_batch_delay_ms: float = Field(default=5.0, ge=0, le=10_000)
@@ -125,6 +133,28 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision(cls, value: Any) -> Any:
+        return parse_precision(value) if isinstance(value, str) else value
+
+    @field_validator("model_precision", mode="before")
+    @classmethod
+    def _model_precision(cls, value: Any) -> Any:
+        """``name=bf16,other=fp32`` (or a mapping) → ``{name: precision}``."""
+        if isinstance(value, str):
+            pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError(f"model_precision must be NAME=PRECISION[,NAME=PRECISION...], got {value!r}")
+            value = {name.strip(): mode for name, mode in pairs}
+        if isinstance(value, dict):
+            return {str(name): parse_precision(str(mode)) for name, mode in value.items()}
+        return value
+
+    def precision_for(self, name: str) -> str:
+        """The precision model ``name`` is served in."""
+        return self.model_precision.get(name, self.precision)
 
     @field_validator("image_scale", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from models import CheckpointError, GnwsError, ImageDecodeError, ImageTooLargeError, WeightsNotFoundError
-from models.errors import ModelReferenceError, UnknownClassError, UnknownModelNameError
+from models.errors import ModelReferenceError, PrecisionError, UnknownClassError, UnknownModelNameError
 
 
 class ServiceError(GnwsError):
@@ -111,6 +111,7 @@ STATUS_BY_ERROR: dict[type[GnwsError], int] = {
     UnsupportedMediaTypeError: 415,
     InvalidParameterError: 422,
     UnknownClassError: 422,
+    PrecisionError: 422,
     CheckpointError: 422,
     UploadTimeoutError: 408,
     ConflictError: 409,

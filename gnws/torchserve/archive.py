@@ -51,6 +51,8 @@ class ArchiveSettings:
         response_timeout_s: TorchServe ``responseTimeout`` per batch.
         device: handler device (``auto`` = the worker's assigned GPU if any, else CPU).
         image_scale: ``(max_size, min_size)`` test scale for tests and smoke runs; ``None`` = model's.
+        precision: ``fp32`` (exact), ``bf16`` or ``fp16`` (:mod:`models.precision`); checked
+            against the worker's device when TorchServe loads the model.
     """
 
     batch_size: int = 4
@@ -60,6 +62,7 @@ class ArchiveSettings:
     response_timeout_s: int = 120
     device: str = "auto"
     image_scale: tuple[int, int] | None = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "min_workers", "max_workers", "response_timeout_s"):
@@ -67,13 +70,15 @@ class ArchiveSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_batch_delay_ms < 0:
             raise ValueError(f"max_batch_delay_ms must be >= 0, got {self.max_batch_delay_ms}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.max_workers < self.min_workers:
             raise ValueError(f"max_workers ({self.max_workers}) is below min_workers ({self.min_workers})")
 
 
 def model_config_yaml(settings: ArchiveSettings, model_name: str) -> str:
     """TorchServe ``model-config.yaml``; values are JSON scalars/lists, which are valid YAML."""
-    handler: dict[str, object] = {"model_name": model_name, "device": settings.device}
+    handler: dict[str, object] = {"model_name": model_name, "device": settings.device, "precision": settings.precision}
     if settings.image_scale is not None:
         handler["image_scale"] = list(settings.image_scale)
     lines = [
@@ -193,6 +198,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--response-timeout", type=int, metavar="S", dest="response_timeout_s",
                    help=f"seconds (default: {_DEFAULTS.response_timeout_s})")
     p.add_argument("--device", help=f"auto, cpu, cuda, ... (default: {_DEFAULTS.device})")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help=f"the forward pass's precision (default: {_DEFAULTS.precision}, exact)")
     p.add_argument("--image-scale", type=parse_image_scale, metavar="MAX,MIN",
                    help="test-time scale instead of the model's 1333,800 (smoke tests only)")
     p.add_argument("--version", default="1.0", help="archive version (default: %(default)s)")
@@ -203,7 +210,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def settings_from_args(args: argparse.Namespace) -> ArchiveSettings:
     """:class:`ArchiveSettings` with the flags that were given on top of its defaults."""
     given = {name: getattr(args, name) for name in ("batch_size", "max_batch_delay_ms", "response_timeout_s",
-                                                     "device", "image_scale")}
+                                                     "device", "image_scale", "precision")}
     if args.workers is not None:
         given |= {"min_workers": args.workers, "max_workers": args.workers}
     try:

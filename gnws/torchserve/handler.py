@@ -23,7 +23,8 @@ statistics include the padding).
 
 Settings come from the ``handler:`` section of the archive's ``model-config.yaml`` (written by
 ``gnws archive``): ``device`` (``auto`` = the GPU TorchServe assigned to this worker, else CPU),
-``image_scale`` (``[max_size, min_size]``, tests and smoke runs only) and ``max_pixels``.
+``image_scale`` (``[max_size, min_size]``, tests and smoke runs only), ``max_pixels`` and
+``precision`` (``fp32``, ``bf16``, ``fp16``).
 
 Shaped like LitServe's loop (decode → batch → infer → unbatch → encode), weights touched only in
 :meth:`GnwsHandler.initialize`. Imports the request layer and :mod:`models`, never the web app.
@@ -140,6 +141,7 @@ class GnwsHandler:
             model_name=str(settings.get("model_name") or context.model_name),
             max_pixels=int(settings.get("max_pixels", DEFAULT_MAX_PIXELS)),
             image_scale=parse_image_scale(settings.get("image_scale")),
+            precision=str(settings.get("precision", "fp32")),
         )
         self.initialized = True
         logger.info("loaded %s from %s on %s (batch size %s)", self.predictor.name, path, device,

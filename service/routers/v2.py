@@ -147,7 +147,8 @@ async def ready(registry: RegistryDep) -> dict[str, bool]:
 
 def _metadata(registry: ModelRegistry, name: str, version: str | None) -> dict[str, Any]:
     served = _model(registry, name, version)
-    return oip.model_metadata(name, served_version(served), served.predictor.has_masks)
+    return oip.model_metadata(name, served_version(served), served.predictor.has_masks,
+                              getattr(served.predictor, "precision", "fp32"))
 
 
 def _ready(registry: ModelRegistry, name: str, version: str | None) -> dict[str, Any]:

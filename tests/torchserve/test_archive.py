@@ -21,7 +21,7 @@ def test_model_config_yaml_is_what_torchserve_reads(archive_module: ModuleType) 
     config = yaml.safe_load(archive_module.model_config_yaml(settings, "m-1"))
     assert config == {
         "minWorkers": 1, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 20, "responseTimeout": 30,
-        "handler": {"model_name": "m-1", "device": "cuda", "image_scale": [640, 384]},
+        "handler": {"model_name": "m-1", "device": "cuda", "precision": "fp32", "image_scale": [640, 384]},
     }
     default = yaml.safe_load(archive_module.model_config_yaml(archive_module.ArchiveSettings(), "m"))
     assert "image_scale" not in default["handler"]

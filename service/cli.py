@@ -2,7 +2,9 @@
 
 Flags override ``GNWS_*`` environment variables (see :class:`service.settings.Settings`). Weights
 are checked before uvicorn starts, so missing ones end the command at once with the
-``gnws fetch`` message (exit status 2, printed by ``gnws/cli.py``).
+``gnws fetch`` message (exit status 2, printed by ``gnws/cli.py``). SIGINT (Ctrl+C) or SIGTERM
+(``docker stop``, Kubernetes) shut the server down gracefully: open requests finish, and the
+command exits with status 0.
 """
 
 from __future__ import annotations
@@ -91,14 +93,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from models.fetch import prepare_zoo_models
     from models.precision import check_precision, resolve_device
 
     from .app import create_app
     from .registry import resolve_startup_source
-    from .server import uvicorn_config
+    from .server import run_until_stopped, uvicorn_config
 
     settings = settings_from_args(args)
     # Zoo models missing here are downloaded and baked first (never when offline: a missing one then
@@ -120,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     app = create_app(settings)
     logger.info("serving on http://%s:%d (docs at /docs, page at /)", settings.host, settings.port)
-    uvicorn.Server(uvicorn_config(app, settings, log_level=args.log_level)).run()
+    run_until_stopped(uvicorn_config(app, settings, log_level=args.log_level))
     return 0
 
 

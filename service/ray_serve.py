@@ -168,9 +168,21 @@ class RemotePredictor(Predictor):
         raise NotReadyError("the inference replicas failed under this request; retry after Retry-After seconds")
 
     def load_everywhere(self, timeout_s: float) -> list[str]:
-        """Load and warm these weights on every live replica; returns the replicas that did."""
-        results = self._handle.broadcast("load", self.key).results(timeout_s=timeout_s)
-        return [str(r) for r in results]
+        """Load and warm these weights on every live replica; returns the replicas that did.
+
+        At startup the replicas may still be starting (a broadcast reaches only live ones, and
+        fails while there are none): then one replica loads them through an ordinary call, which
+        waits for a replica, and the others load them on their first request.
+        """
+        try:
+            results = [str(r) for r in self._handle.broadcast("load", self.key).results(timeout_s=timeout_s)]
+        except Exception as exc:  # Ray's errors for "no live replica yet" have no common base class
+            logger.info("no inference replica is live yet (%s: %s); loading on the first one up",
+                        type(exc).__name__, exc)
+            results = []
+        if not results:
+            results = [str(self._handle.load.remote(self.key).result(timeout_s=timeout_s))]
+        return results
 
 
 def build_app(settings: Settings, *, replicas: int = 1, max_replicas: int | None = None,
@@ -264,10 +276,18 @@ def build(args: dict[str, Any]) -> Any:
 
 
 def run(settings: Settings, address: str, **kwargs: Any) -> None:
-    """``gnws serve --ray ADDRESS``: deploy on the cluster at ``address`` and block until interrupted."""
+    """``gnws serve --ray ADDRESS``: deploy on the cluster at ``address`` and serve until interrupted.
+
+    Ctrl+C (SIGINT) removes the gnws application from the cluster again, as ``serve run`` does; the
+    cluster itself keeps running.
+    """
     import ray
     from ray import serve
 
     ray.init(address=address, log_to_driver=False)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build_app(settings, **kwargs), name=APP_NAME, route_prefix="/", blocking=True)
+    try:
+        serve.run(build_app(settings, **kwargs), name=APP_NAME, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        serve.delete(APP_NAME)
+        logger.info("interrupted: removed the %s application from the cluster", APP_NAME)

@@ -17,6 +17,10 @@ uvicorn's httptools protocol with two changes:
   answer the unread data with a reset, and a client that sends its whole body before reading
   (Python's urllib, ...) would see "connection reset" instead of the 413.
 
+:func:`run_until_stopped` runs the server until SIGINT or SIGTERM and returns once uvicorn has shut
+down gracefully (open requests finished, the lifespan's shutdown run), so ``gnws serve`` then exits
+with status 0.
+
 The app's own limits (uploads, processing places, body sizes) are in :mod:`service.inference`,
 :mod:`service.uploads` and :mod:`service.limits`.
 """
@@ -25,12 +29,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import signal
+from types import FrameType
 from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .settings import Settings
+
+logger = logging.getLogger(__name__)
 
 LINGER_S = 30.0
 
@@ -131,3 +140,31 @@ def uvicorn_config(app: Any, settings: Settings, **kwargs: Any) -> uvicorn.Confi
         "timeout_graceful_shutdown": 30,
     }
     return uvicorn.Config(app, **(options | kwargs))
+
+
+class _StopSignal(BaseException):  # like KeyboardInterrupt: not caught by `except Exception`
+    """Raised by the handlers :func:`run_until_stopped` installs, with the signal's number."""
+
+
+def _stopped(signum: int, frame: FrameType | None) -> None:
+    raise _StopSignal(signum)
+
+
+def run_until_stopped(config: uvicorn.Config) -> None:
+    """Serve until SIGINT or SIGTERM; return after uvicorn's graceful shutdown.
+
+    uvicorn handles both signals itself while it serves, and after its shutdown re-sends the one it
+    received to the handler that was there before it, so that a process ends as the signal would
+    have ended it (SIGINT as ``KeyboardInterrupt``, SIGTERM as death by signal, status 143). Here
+    that earlier handler raises an exception this function catches: a completed shutdown returns
+    normally, whichever signal asked for it. The previous handlers are restored on return.
+    """
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, _stopped) for sig in handled}
+    try:
+        uvicorn.Server(config).run()
+    except _StopSignal as stop:
+        logger.info("stopped by %s", signal.Signals(stop.args[0]).name)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -43,8 +43,13 @@ NODE_B = ["--address=127.0.0.1:6380", "--resources={\"node_b\": 1}", "--include-
           "--runtime-env-agent-port=52382", "--metrics-export-port=8091"]
 
 
+# No usage reports, short drains, and no token authentication (a token file left by another Ray on the
+# machine would otherwise be offered to this cluster, which does not use one).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5", "RAY_AUTH_MODE": "disabled"}
+
+
 def start_node(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5"}
+    env = {**os.environ, **RAY_ENV}
     proc = subprocess.Popen([RAY, "start", "--block", *COMMON, *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env=env, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -59,9 +64,12 @@ def wait_ready(url: str, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+            ready = httpx.get(f"{url}/readyz", timeout=5)
+            if ready.status_code == 200:
                 return
-        except httpx.TransportError:
+            if ready.json().get("status") == "failed":
+                raise RuntimeError(f"gnws on Ray Serve failed to load its models: {ready.text}")
+        except (httpx.TransportError, ValueError):
             pass
         time.sleep(0.5)
     raise RuntimeError("gnws on Ray Serve did not get ready")
@@ -97,6 +105,13 @@ def throughput(url: str, images: list[bytes], n: int, concurrency: int) -> tuple
     return n / elapsed, workers
 
 
+def replica_names() -> list[str]:
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::gnws#InferenceReplica#")]
+
+
 def replica_pids() -> dict[str, int]:
     import ray
 
@@ -117,6 +132,7 @@ def replica_states() -> dict[str, int]:
 
 def main() -> int:
     weights, image_dir, report_path = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    os.environ.update(RAY_ENV)
     report: dict[str, Any] = {}
     run = Path(TEMP + "-logs")
     run.mkdir(parents=True, exist_ok=True)
@@ -194,17 +210,16 @@ def main() -> int:
         report["kill"] = {"victim": victim[0], "statuses": Counter(s for s, _ in statuses),
                           "retryable_without_retry_after": sum(1 for s, ra in statuses if s in (429, 503) and not ra),
                           "transport_errors": errors}
-        # Serve's controller notices the death (a replica leaves RUNNING), then starts a replacement.
+        # Serve's controller notices the death and starts a replacement: a new replica name, RUNNING.
+        before = set(pids)
         deadline = time.monotonic() + 120
-        noticed = False
         while time.monotonic() < deadline:
-            running = replica_states().get("RUNNING", 0)
-            noticed = noticed or running < 2
-            if noticed and running == 2:
+            names = set(replica_names())
+            if victim[0] not in names and len(names) == 2 and names != before and replica_states().get("RUNNING") == 2:
                 break
             time.sleep(0.1)
         report["replaced_after_s"] = time.perf_counter() - killed_at
-        alive = replica_pids()
+        alive = replica_names()
         report["replicas_after_kill"] = len(alive)
         report["victim_replaced"] = victim[0] not in alive
 
@@ -224,9 +239,14 @@ def main() -> int:
                 node.wait(30)
             except subprocess.TimeoutExpired:
                 node.kill()
-        left = subprocess.run(["pgrep", "-f", "raylet|gcs_server|ray::|default_worker.py"], capture_output=True,
-                              text=True)
-        report["left_running"] = [line for line in left.stdout.split() if line.strip()]
+        deadline = time.monotonic() + 60  # `ray stop` signals; its processes take a moment to exit
+        while True:
+            left = subprocess.run(["pgrep", "-f", "raylet|gcs_server|ray::|default_worker.py"], capture_output=True,
+                                  text=True).stdout.split()
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        report["left_running"] = left
         report_path.write_text(json.dumps(report, indent=1, default=str))
     return 0
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import FASTER_R50, MASK_R50
+from tests.conftest import FASTER_R50, IMAGES, MASK_R50, REFERENCE_IMAGES
 
 GNWS = [sys.executable, "-m", "gnws.cli"]
 
@@ -51,13 +53,18 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_serve_runs_uvicorn_on_loopback(tmp_path: Path, model_store: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_runs_uvicorn_on_loopback_and_stops_gracefully(tmp_path: Path, model_store: Path,
+                                                              stop: signal.Signals) -> None:
+    """A real process: zoo keys resolved through the model store; Ctrl+C or ``docker stop``'s SIGTERM
+    arriving while a request is being answered lets it finish, then the command exits with status 0."""
     port = _free_port()
     env = _env(tmp_path, GNWS_MODEL_STORE=str(model_store), GNWS_IMAGE_SCALE="512,320", GNWS_DEVICE="cpu",
                GNWS_TORCH_THREADS="1")
     cmd = [*GNWS, "serve", "--port", str(port), "--detect-model", FASTER_R50, "--segment-model", MASK_R50,
            "--no-warmup"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    in_flight: concurrent.futures.Future[httpx.Response] | None = None
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
@@ -70,14 +77,33 @@ def test_serve_runs_uvicorn_on_loopback(tmp_path: Path, model_store: Path) -> No
                     time.sleep(0.25)
             assert ready, "gnws serve never became ready"
             models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
-        assert set(models) == {FASTER_R50, MASK_R50}  # zoo keys resolved through the model store
-        assert models[FASTER_R50]["image_scale"] == [512, 320]
+            assert set(models) == {FASTER_R50, MASK_R50}  # zoo keys resolved through the model store
+            assert models[FASTER_R50]["image_scale"] == [512, 320]
+            pool = concurrent.futures.ThreadPoolExecutor(1)
+            image = (IMAGES / f"{REFERENCE_IMAGES[0]}.jpg").read_bytes()
+            in_flight = pool.submit(client.post, "/v1/detect", files={"image": ("a.jpg", image, "image/jpeg")},
+                                    timeout=120)
+            busy_by = time.monotonic() + 30  # the signal goes in while the forward pass runs
+            busy = False
+            while time.monotonic() < busy_by and not in_flight.done() and not busy:
+                metrics = client.get("/metrics").text
+                busy = re.search(r"^gnws_in_flight_requests [1-9]", metrics, re.MULTILINE) is not None
+                if not busy:
+                    time.sleep(0.05)
+            assert busy, "the request never showed as in flight"
+            proc.send_signal(stop)
+            answer = in_flight.result(timeout=120)
+            pool.shutdown()
     finally:
-        proc.send_signal(signal.SIGINT)
+        if proc.poll() is None and in_flight is None:
+            proc.send_signal(stop)
         try:
             out, _ = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
     assert f"Uvicorn running on http://127.0.0.1:{port}" in out
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["images"][0]["detections"], "the request in flight was answered in full"
     assert proc.returncode == 0, out[-3000:]
+    assert f"stopped by {stop.name}" in out

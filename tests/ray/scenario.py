@@ -123,6 +123,17 @@ def replica_pids() -> dict[str, int]:
     return pids
 
 
+def wait_replaced(victim: str, before: set[str], killed_at: float, timeout_s: float = 120) -> float | None:
+    """Seconds from the kill until two replicas run again, one of them new; None if not within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        names = set(replica_names())
+        if victim not in names and len(names) == 2 and names != before and replica_states().get("RUNNING") == 2:
+            return time.perf_counter() - killed_at
+        time.sleep(0.2)
+    return None
+
+
 def replica_states() -> dict[str, int]:
     from ray import serve
 
@@ -199,26 +210,21 @@ def main() -> int:
                     except httpx.HTTPError as exc:
                         errors.append(repr(exc))
 
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(client_loop, k) for k in range(3)]
             time.sleep(2.0)
             victim = sorted(pids.items())[0]
             killed_at = time.perf_counter()
             os.kill(victim[1], signal.SIGKILL)
+            # Serve's controller notices the death and starts a replacement: a new replica name, RUNNING.
+            replaced = pool.submit(wait_replaced, victim[0], set(pids), killed_at)
             for f in futures:
                 f.result()
+            report["traffic_done_after_s"] = time.perf_counter() - killed_at
+            report["replaced_after_s"] = replaced.result()
         report["kill"] = {"victim": victim[0], "statuses": Counter(s for s, _ in statuses),
                           "retryable_without_retry_after": sum(1 for s, ra in statuses if s in (429, 503) and not ra),
                           "transport_errors": errors}
-        # Serve's controller notices the death and starts a replacement: a new replica name, RUNNING.
-        before = set(pids)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            names = set(replica_names())
-            if victim[0] not in names and len(names) == 2 and names != before and replica_states().get("RUNNING") == 2:
-                break
-            time.sleep(0.1)
-        report["replaced_after_s"] = time.perf_counter() - killed_at
         alive = replica_names()
         report["replicas_after_kill"] = len(alive)
         report["victim_replaced"] = victim[0] not in alive

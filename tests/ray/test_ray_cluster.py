@@ -56,6 +56,7 @@ def test_two_node_cluster_spreads_survives_a_killed_replica_and_stops_clean(bake
     assert kill["retryable_without_retry_after"] == 0
     assert seen["replicas_after_kill"] == 2
     assert seen["victim_replaced"]
+    assert seen["replaced_after_s"] is not None, "no replacement replica ran within 120 s of the kill"
     assert seen["reload_status"] == 200
     assert seen["after_reload"]["generations"] == [1]
     assert seen["left_running"] == [], "ray stop left processes running"

@@ -22,10 +22,12 @@ every call; channels-last activations; PyTorch's 'CPU Performance Tuning Guide')
    :data:`FP32_MODULES`; on CPU the tensors go channels-last.
 3. The forward pass then runs in the target dtype from the stem to the heads, with no dtype
    round trip between layers, and casts to fp32 only where the code needs it
-   (:mod:`models.heads`, :mod:`models.roi_extractor`): RoIAlign runs on fp32 features with fp32
-   coordinates; the RPN objectness and deltas and the R-CNN class logits and deltas come out of
-   the fp32 islands; the mask logits are cast to fp32; everything after them (sigmoid/softmax,
-   top-k, box decoding, NMS, rescaling, mask pasting) runs in fp32 as in the exact mode.
+   (:mod:`models.heads`, :mod:`models.roi_extractor`): RoIAlign samples at fp32 coordinates
+   with fp32 bilinear weights (on CPU as matrix products on the bf16 features, accumulated in
+   fp32; elsewhere torchvision's kernel on fp32 copies of the features); the RPN objectness
+   and deltas and the R-CNN class logits and deltas come out of the fp32 islands; the mask
+   logits are cast to fp32; everything after them (sigmoid/softmax, top-k, box decoding, NMS,
+   rescaling, mask pasting) runs in fp32 as in the exact mode.
 
 GroupNorm statistics are computed in fp32 in every mode: PyTorch's CPU and CUDA GroupNorm kernels
 accumulate the mean and variance of bf16/fp16 inputs in fp32 (``opmath``/``acc_type``) and only

@@ -126,6 +126,7 @@ def _separable(feat: torch.Tensor, rois: torch.Tensor) -> bool:
 
 
 SEPARABLE_CHUNK = 32  # RoIs per pair of batched products; a chunk is padded to its largest window
+SEPARABLE_PIXELS = 1 << 16  # window pixels gathered per chunk at most (32 MiB of bf16 at 256 channels)
 
 
 class _AxisSamples(NamedTuple):
@@ -221,9 +222,14 @@ def roi_align_separable(feat: torch.Tensor, rois: torch.Tensor, spatial_scale: f
     breaks = (torch.nonzero(width_class[1:] != width_class[:-1]).flatten() + 1).tolist()
     out = feat.new_empty((rois.size(0), output_size, output_size, c))
     for first, end in zip([0, *breaks], [*breaks, rois.size(0)], strict=True):
-        for a in range(first, end, SEPARABLE_CHUNK):
+        a = first
+        while a < end:
             rows = slice(a, min(a + SEPARABLE_CHUNK, end))
             win_h, win_w = max(heights[rows]), max(widths[rows])
+            if (rows.stop - a) * win_h * win_w > SEPARABLE_PIXELS:  # few large windows: fewer RoIs
+                rows = slice(a, a + max(1, SEPARABLE_PIXELS // (win_h * win_w)))
+                win_h, win_w = max(heights[rows]), max(widths[rows])
+            a = rows.stop
             # windows moved inside the map where padding would cross its edge (their weights follow)
             y0 = ys.start[rows].clamp(max=max(h - win_h, 0))
             x0 = xs.start[rows].clamp(max=max(w - win_w, 0))

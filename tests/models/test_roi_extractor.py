@@ -60,9 +60,12 @@ def _awkward_rois(n: int, size: tuple[float, float], batch: int) -> torch.Tensor
     return rois
 
 
+@pytest.mark.parametrize("budget", [roi_extractor.SEPARABLE_PIXELS, 50])
 @pytest.mark.parametrize("spatial_scale", [1 / 4, 1 / 32])
-def test_separable_samples_as_torchvision(spatial_scale: float) -> None:
-    """In fp32 the matrix-product RoIAlign is torchvision's kernel to float rounding."""
+def test_separable_samples_as_torchvision(monkeypatch: pytest.MonkeyPatch, spatial_scale: float, budget: int) -> None:
+    """In fp32 the matrix-product RoIAlign is torchvision's kernel to float rounding, however the
+    RoIs are chunked (a small pixel budget: chunks of one RoI where windows are large)."""
+    monkeypatch.setattr(roi_extractor, "SEPARABLE_PIXELS", budget)
     g = torch.Generator().manual_seed(0)
     feat = torch.randn(2, 16, 50, 70, generator=g)
     rois = _awkward_rois(400, (70 / spatial_scale, 50 / spatial_scale), batch=2)

@@ -74,12 +74,13 @@ class MultiLevelRoIAlign(nn.Module):
     def forward(self, features: dict[str, torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
         feats = [features[str(i)] for i in range(len(self.strides))]
         size = (rois.size(0), feats[0].size(1), self.output_size, self.output_size)
-        memory_format = torch.channels_last if _separable(feats[0], rois) else torch.contiguous_format
-        out = feats[0].new_zeros(size).contiguous(memory_format=memory_format)
+        separable = _separable(feats[0], rois)
+        out = feats[0].new_zeros(size)
         if rois.numel() == 0:
             return out
         levels = map_roi_levels(rois, len(feats))
-        if _separable(feats[0], rois):
+        if separable:
+            out = out.contiguous(memory_format=torch.channels_last)
             pooled_cl = out.permute(0, 2, 3, 1)  # (K, S, S, C) view: filled channels-last
             for level, (feat, stride) in enumerate(zip(feats, self.strides, strict=True)):
                 inds = torch.nonzero(levels == level, as_tuple=False).squeeze(1)

@@ -50,7 +50,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench_service import _free_port, baked_weights  # noqa: E402
-from bench.common import IMAGES, machine_line, markdown_table  # noqa: E402
+from bench.common import IMAGES, machine_line, markdown_table, time_once  # noqa: E402
 from models import roi_extractor  # noqa: E402
 from models.allocator import tune_malloc  # noqa: E402
 from models.precision import DTYPES, Precision, supported_precisions  # noqa: E402
@@ -143,13 +143,7 @@ def _forward_part(weights: Path, reduced: Sequence[Precision], args: argparse.Na
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in tqdm(range(args.repeats), desc="forward passes, interleaved", unit="round"):
         for name, run in variants.items():
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            run()
-            if cuda:
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time_once(run, cuda=cuda))
     h, w = prepared.img_shape
     print(f"\nForward pass: {FASTER}, image {args.image} ({prepared.ori_shape[1]}x{prepared.ori_shape[0]} -> {w}x{h}, "
           f"padded {prepared.pad_shape[1]}x{prepared.pad_shape[0]}), {args.repeats} interleaved rounds\n")

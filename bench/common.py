@@ -33,20 +33,22 @@ def make_reference_checkpoint(stem: str, out_dir: Path) -> Path:
     return path
 
 
+def time_once(fn: Callable[[], object], *, cuda: bool = False) -> float:
+    """Wall time in seconds of one call (on CUDA, from an idle GPU until its work is done)."""
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def time_call(fn: Callable[[], object], *, repeats: int, warmup: int = 1, cuda: bool = False) -> list[float]:
     """Wall times in seconds of ``repeats`` calls after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
+    return [time_once(fn, cuda=cuda) for _ in range(repeats)]
 
 
 def median_ms(times: list[float]) -> float:

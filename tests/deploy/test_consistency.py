@@ -148,7 +148,9 @@ def test_service_pdb_and_hpa_point_at_the_deployment(name: str) -> None:
     assert metric["resource"]["name"] == "cpu"
     assert metric["resource"]["target"]["type"] == "Utilization"
     assert "replicas" not in deployment["spec"], "the HorizontalPodAutoscaler owns the replica count"
-    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    low, high = hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]
+    assert low >= 1, f"minReplicas {low}: at least one pod must serve"
+    assert high >= low, f"maxReplicas {high} below minReplicas {low}"
 
 
 def test_kserve_port_and_protocol() -> None:
